@@ -1,0 +1,80 @@
+"""The `worldmodels` command: one thin sub-command per stage.
+
+Each sub-command builds its stage's config dataclass from flags (every field is a flag with its
+help text), calls the stage, and turns known errors into one line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from worldmodels.config import add_config_arguments, config_from_args
+from worldmodels.errors import UserError
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    config: type | None
+    run: Callable  # run(cfg) or run(args)
+
+
+def _commands() -> list[Command]:
+    from worldmodels import bench, check
+    from worldmodels.stages import collect
+
+    return [
+        Command("check", "print versions and step each env backend (sanity check)", check.CheckConfig, check.run),
+        Command("collect", "collect exploration rollouts, one file per episode (resumable)", collect.CollectConfig, collect.run),
+        Command("bench", "measure env and pipeline throughput, print JSON", bench.BenchConfig, bench.run),
+    ]
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad flags get one line (what is wrong, where to look), not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="worldmodels",
+        description="World Models (Ha & Schmidhuber, 2018) for Gymnasium CarRacing-v3.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in commands:
+        child = sub.add_parser(
+            command.name,
+            help=command.help,
+            description=command.help,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        if command.config is not None:
+            add_config_arguments(child, command.config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    commands = _commands()
+    args = build_parser(commands).parse_args(argv)
+    command = next(c for c in commands if c.name == args.command)
+    try:
+        cfg = config_from_args(command.config, args) if command.config else args
+        command.run(cfg)
+    except UserError as err:
+        print(f"worldmodels {command.name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"worldmodels {command.name}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Typed configs and the glue that turns their fields into command-line flags.
+
+Every stage has a dataclass whose fields carry their own help text (``metadata["help"]``), so
+`--help` documents every flag from one place and the resolved config can be saved beside the
+artifacts it produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from worldmodels.errors import UserError
+from worldmodels.io import atomic_write_text
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A dataclass field with a help text (and optional choices) for the CLI."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _parse_int_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part)
+
+
+_PARSERS: dict[Any, Any] = {
+    int: int,
+    float: float,
+    str: str,
+    bool: _parse_bool,
+    Path: Path,
+    tuple[int, ...]: _parse_int_tuple,
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """Add one `--<prefix><field>` flag per dataclass field, defaulting to "not given"."""
+    types = _field_types(cls)
+    group = parser.add_argument_group(prefix.rstrip(".") or None)
+    for field in dataclasses.fields(cls):
+        ftype = types[field.name]
+        parse = _PARSERS.get(ftype)
+        if parse is None:
+            continue
+        flag = "--" + prefix + field.name.replace("_", "-")
+        default = field.default
+        help_text = field.metadata.get("help", "")
+        help_text += f" (default: {','.join(map(str, default)) if isinstance(default, tuple) else default})"
+        kwargs: dict[str, Any] = {
+            "dest": prefix + field.name,
+            "type": parse,
+            "default": argparse.SUPPRESS,
+            "help": help_text,
+        }
+        if "choices" in field.metadata:
+            kwargs["choices"] = field.metadata["choices"]
+        if ftype is bool:
+            kwargs["metavar"] = "{true,false}"
+        group.add_argument(flag, **kwargs)
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, prefix: str = "", base: T | None = None) -> T:
+    """Build a config: fields given on the command line override `base` (or the defaults)."""
+    given = {
+        field.name: getattr(args, prefix + field.name)
+        for field in dataclasses.fields(cls)
+        if hasattr(args, prefix + field.name)
+    }
+    start = base if base is not None else cls()
+    return dataclasses.replace(start, **given)
+
+
+def to_jsonable(cfg: Any) -> dict[str, Any]:
+    def convert(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, tuple):
+            return list(value)
+        if dataclasses.is_dataclass(value):
+            return to_jsonable(value)
+        return value
+
+    return {f.name: convert(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def from_jsonable(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a config saved by `save_config`; unknown keys are an error, missing keys default."""
+    types = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise UserError(f"unknown config keys for {cls.__name__}: {sorted(unknown)}")
+    values = {}
+    for name, value in data.items():
+        ftype = types[name]
+        if dataclasses.is_dataclass(ftype):
+            values[name] = from_jsonable(ftype, value)
+        elif ftype is Path:
+            values[name] = Path(value)
+        elif isinstance(value, list):
+            values[name] = tuple(value)
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    atomic_write_text(path, json.dumps(to_jsonable(cfg), indent=2) + "\n")
+
+
+def load_config(cls: type[T], path: Path) -> T:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read config {path}: {err}") from None
+    return from_jsonable(cls, data)

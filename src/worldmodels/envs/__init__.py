@@ -1,0 +1,44 @@
+"""Env backends behind one batched contract, plus the frame preprocessing every stage uses."""
+
+from __future__ import annotations
+
+import os
+
+from worldmodels.envs.base import MAX_EPISODE_STEPS, BatchedEnv, StepResult
+from worldmodels.envs.preprocess import CROP_ROWS, FRAME_SIZE, preprocess_frames
+from worldmodels.errors import UserError
+
+BACKENDS = ("envpool", "gymnasium")
+
+
+def default_workers(workers: int) -> int:
+    """The CLI's `--workers 0`: one thread or process per CPU core."""
+    return workers if workers > 0 else (os.cpu_count() or 1)
+
+
+def make_env(
+    backend: str, num_envs: int, max_steps: int = MAX_EPISODE_STEPS, workers: int = 0
+) -> BatchedEnv:
+    """`workers`: threads for envpool (0 = one per core), processes for gymnasium (0 = in-process)."""
+    if backend == "envpool":
+        from worldmodels.envs.envpool_backend import EnvPoolEnv
+
+        return EnvPoolEnv(num_envs, max_steps, num_threads=workers)
+    if backend == "gymnasium":
+        from worldmodels.envs.gymnasium_backend import GymnasiumEnv
+
+        return GymnasiumEnv(num_envs, max_steps, workers=workers)
+    raise UserError(f"unknown env backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+__all__ = [
+    "BACKENDS",
+    "CROP_ROWS",
+    "FRAME_SIZE",
+    "MAX_EPISODE_STEPS",
+    "BatchedEnv",
+    "StepResult",
+    "default_workers",
+    "make_env",
+    "preprocess_frames",
+]

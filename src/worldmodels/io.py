@@ -1,0 +1,59 @@
+"""Atomic file writes: a reader (or a rerun after `kill -9`) never sees half a file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+TMP_SUFFIX = ".tmp"
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path) -> Iterator[BinaryIO]:
+    """Write to a temp file beside `path`, fsync, then rename over it.
+
+    The temp name ends in `.tmp` so a stage that starts after a crash can sweep leftovers.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_open(path) as handle:
+        handle.write(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_with(path: Path, writer: Callable[[BinaryIO], None]) -> None:
+    with atomic_open(path) as handle:
+        writer(handle)
+
+
+def remove_temp_files(folder: Path) -> list[Path]:
+    """Delete `*.tmp` leftovers of writes that were killed half-way; return what was removed."""
+    folder = Path(folder)
+    if not folder.exists():
+        return []
+    removed = sorted(folder.glob(f".*{TMP_SUFFIX}"))
+    for path in removed:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return removed

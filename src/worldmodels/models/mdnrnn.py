@@ -1,0 +1,173 @@
+"""MDN-RNN ("M" in World Models): an LSTM that predicts a Gaussian-mixture density over z_{t+1}.
+
+One mixture of K Gaussians is predicted independently for every latent dimension, as in the
+paper. Reward and episode-end ("done") heads share the same LSTM features.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+LSTMState = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class MDNOutput:
+    """Per-step predictions; mixture tensors are (B, T, K, Z), scalars (B, T)."""
+
+    logpi: torch.Tensor  # log mixture weights, log_softmax over K
+    mu: torch.Tensor
+    logsigma: torch.Tensor
+    reward: torch.Tensor
+    done_logit: torch.Tensor
+
+
+class MDNRNN(nn.Module):
+    """LSTM over [z_t; a_t] with a single linear head producing the mixture, reward and done."""
+
+    def __init__(
+        self, z_dim: int = 32, action_dim: int = 3, hidden: int = 256, n_gaussians: int = 5
+    ) -> None:
+        super().__init__()
+        self.z_dim = z_dim
+        self.action_dim = action_dim
+        self.hidden = hidden
+        self.n_gaussians = n_gaussians
+        self.lstm = nn.LSTM(z_dim + action_dim, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 3 * n_gaussians * z_dim + 2)
+
+    def initial_state(self, batch: int, device=None) -> LSTMState:
+        """Zero (h, c), each (1, batch, hidden): the state at the start of every episode."""
+        h = torch.zeros(1, batch, self.hidden, device=device)
+        return h, torch.zeros_like(h)
+
+    def forward(
+        self, z: torch.Tensor, action: torch.Tensor, state: LSTMState | None = None
+    ) -> tuple[MDNOutput, LSTMState]:
+        """z (B, T, Z), action (B, T, A) -> (predictions for step t+1 at every t, final state).
+
+        The same code path serves training on whole sequences and stepping with T=1 (passing the
+        state back in), so the dream and the controller rollouts see exactly the trained model.
+        """
+        x = torch.cat([z, action], dim=-1)
+        feats, state = self.lstm(x, state)
+        return self._split_head(self.head(feats)), state
+
+    def step(
+        self, z: torch.Tensor, action: torch.Tensor, state: LSTMState | None
+    ) -> tuple[MDNOutput, LSTMState]:
+        """One step: z (B, Z), action (B, A) -> (MDNOutput with T=1, new state)."""
+        return self.forward(z.unsqueeze(1), action.unsqueeze(1), state)
+
+    def _split_head(self, out: torch.Tensor) -> MDNOutput:
+        b, t, _ = out.shape
+        kz = self.n_gaussians * self.z_dim
+        shape = (b, t, self.n_gaussians, self.z_dim)
+        logits = out[..., :kz].reshape(shape)
+        return MDNOutput(
+            logpi=F.log_softmax(logits, dim=-2),
+            mu=out[..., kz : 2 * kz].reshape(shape),
+            logsigma=out[..., 2 * kz : 3 * kz].reshape(shape),
+            reward=out[..., 3 * kz],
+            done_logit=out[..., 3 * kz + 1],
+        )
+
+
+def mdn_nll(
+    logpi: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """Negative log-likelihood of ``target`` (..., Z) under mixtures (..., K, Z); returns (..., Z).
+
+    Works entirely in log space: log p = logsumexp_k(log pi_k + log N(t | mu_k, sigma_k)).
+    Exponentiating the densities first underflows to 0 for targets far from every component and
+    gives log(0) = -inf; logsumexp keeps the answer finite and the gradients usable.
+    """
+    t = target.unsqueeze(-2)  # broadcast over the K axis
+    zscore = (t - mu) * torch.exp(-logsigma)
+    log_normal = -0.5 * zscore.pow(2) - logsigma - LOG_SQRT_2PI
+    return -torch.logsumexp(logpi + log_normal, dim=-2)
+
+
+def _masked_mean(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of x (B, T) over positions with weight > 0; masked values never reach the sum."""
+    if weight is None:
+        return x.mean()
+    # torch.where (not x * w) so NaN/inf garbage in padded positions cannot leak in as 0 * inf.
+    kept = torch.where(weight > 0, x * weight, torch.zeros_like(x))
+    return kept.sum() / weight.sum().clamp(min=1e-8)
+
+
+def mdnrnn_loss(
+    out: MDNOutput,
+    z_next: torch.Tensor,
+    reward: torch.Tensor,
+    done: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    reward_weight: float = 1.0,
+    done_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """Training loss for the MDN-RNN; targets z_next (B, T, Z), reward and done (B, T).
+
+    Keys:
+      loss        nll + reward_weight * reward_mse + done_weight * done_bce.
+      nll         mean NLL per latent dimension (averaged over B, T and Z): the quantity the
+                  original implementation optimised; independent of z_dim.
+      nll_sum     NLL summed over Z, averaged over B and T: the "sum over z" figure, i.e. the
+                  NLL of the whole latent vector.
+      reward_mse  squared error of the reward head.
+      done_bce    binary cross-entropy (with logits) of the done head.
+
+    ``mask`` (B, T), bool or float: positions with mask 0 (padding after an episode ended) are
+    excluded from every mean. Everything is computed in float32.
+    """
+    logpi, mu, logsigma = out.logpi.float(), out.mu.float(), out.logsigma.float()
+    weight = None if mask is None else mask.float()
+
+    nll_z = mdn_nll(logpi, mu, logsigma, z_next.float())  # (B, T, Z)
+    nll = _masked_mean(nll_z.mean(dim=-1), weight)
+    nll_sum = _masked_mean(nll_z.sum(dim=-1), weight)
+
+    reward_mse = _masked_mean((out.reward.float() - reward.float()).pow(2), weight)
+    bce = F.binary_cross_entropy_with_logits(out.done_logit.float(), done.float(), reduction="none")
+    done_bce = _masked_mean(bce, weight)
+
+    loss = nll + reward_weight * reward_mse + done_weight * done_bce
+    return {
+        "loss": loss,
+        "nll": nll,
+        "nll_sum": nll_sum,
+        "reward_mse": reward_mse,
+        "done_bce": done_bce,
+    }
+
+
+def sample_next_z(
+    out_step: MDNOutput, temperature: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Sample z_{t+1} (B, Z) from one step's mixture, (B, 1, K, Z) or (B, K, Z).
+
+    Temperature tau follows the World Models dream: mixture logits are divided by tau and
+    renormalised (tau < 1 picks the dominant component more often), and every sigma is scaled by
+    sqrt(tau). tau is clamped to >= 1e-3 so tau -> 0 gives a near-deterministic sample, not NaN.
+    """
+    logpi, mu, logsigma = out_step.logpi, out_step.mu, out_step.logsigma
+    if logpi.dim() == 4:
+        logpi, mu, logsigma = logpi.squeeze(1), mu.squeeze(1), logsigma.squeeze(1)
+    tau = max(float(temperature), 1e-3)
+    b, k, z = logpi.shape
+
+    probs = F.softmax(logpi.float() / tau, dim=1)  # (B, K, Z)
+    flat = probs.permute(0, 2, 1).reshape(b * z, k)
+    comp = torch.multinomial(flat, 1, generator=generator).view(b, 1, z)  # chosen k per (B, Z)
+
+    mu_k = mu.gather(1, comp).squeeze(1)
+    sigma_k = logsigma.gather(1, comp).squeeze(1).exp() * math.sqrt(tau)
+    noise = torch.randn(mu_k.shape, generator=generator, device=mu_k.device, dtype=mu_k.dtype)
+    return mu_k + sigma_k * noise

@@ -1,0 +1,1 @@
+"""Pipeline stages: each has a config dataclass and a `run(cfg)` that does the work."""

@@ -1,0 +1,222 @@
+"""`worldmodels collect`: exploration rollouts → one compressed file per episode + manifest.
+
+Resumable by construction: episode i always plays track `seed + i`; a rerun validates what is
+on disk (manifest line + checksum), sweeps temp files and half-written episodes, and collects
+only the missing indices, so it ends with exactly N valid episodes and never repeats a seed.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from worldmodels.config import load_config, option, save_config
+from worldmodels.data.episodes import Episode, write_episode
+from worldmodels.data.manifest import (
+    ManifestEntry,
+    append_manifest,
+    episode_file_name,
+    read_manifest,
+    rewrite_manifest,
+    validate_entries,
+)
+from worldmodels.envs import (
+    BACKENDS,
+    MAX_EPISODE_STEPS,
+    default_workers,
+    make_env,
+    preprocess_frames,
+)
+from worldmodels.errors import UserError
+from worldmodels.io import remove_temp_files
+from worldmodels.layout import RunDir, writable_dir
+from worldmodels.policies import POLICIES, make_policy
+from worldmodels.progress import log, progress_bar
+
+
+@dataclass
+class CollectConfig:
+    run_dir: Path = option(Path("runs/default"), "run directory; episodes go to <run-dir>/data/episodes")
+    episodes: int = option(200, "number of episodes to end up with (episode i plays track seed+i)")
+    max_steps: int = option(1000, "steps per episode before truncation (at most 1000)")
+    env: str = option("envpool", "env backend: envpool (fast C++) or gymnasium (official)", BACKENDS)
+    policy: str = option("brownian", "exploration policy: brownian (smooth) or random (i.i.d.)", POLICIES)
+    seed: int = option(0, "track seed of episode 0")
+    envs: int = option(16, "env slots stepped together in one wave")
+    workers: int = option(0, "envpool threads or gymnasium processes (0 = one per CPU core)")
+    crop: bool = option(True, "crop the dashboard (keep the top 84 rows) before resizing to 64x64")
+    compress_level: int = option(1, "deflate level of episode files (0 = store, 1 = fast, 9 = small)")
+
+    def validate(self) -> None:
+        if self.episodes < 0:
+            raise UserError(f"--episodes must be >= 0, got {self.episodes}")
+        if not 1 <= self.max_steps <= MAX_EPISODE_STEPS:
+            raise UserError(f"--max-steps must be in 1..{MAX_EPISODE_STEPS}, got {self.max_steps}")
+        if self.envs < 1:
+            raise UserError(f"--envs must be >= 1, got {self.envs}")
+        if self.workers < 0:
+            raise UserError(f"--workers must be >= 0, got {self.workers}")
+        if self.env not in BACKENDS:
+            raise UserError(f"unknown --env {self.env!r}: choose one of {', '.join(BACKENDS)}")
+        if self.policy not in POLICIES:
+            raise UserError(f"unknown --policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+        if not 0 <= self.compress_level <= 9:
+            raise UserError(f"--compress-level must be in 0..9, got {self.compress_level}")
+
+
+# Settings that define what the episodes *are*; the rest (how many, how fast) may change on resume.
+_DATA_IDENTITY = ("env", "policy", "seed", "max_steps", "crop")
+
+
+def _check_same_data(cfg: CollectConfig, config_path: Path) -> None:
+    if not config_path.exists():
+        return
+    old = load_config(CollectConfig, config_path)
+    for name in _DATA_IDENTITY:
+        if getattr(old, name) != getattr(cfg, name):
+            raise UserError(
+                f"{config_path.parent} holds episodes collected with {name}={getattr(old, name)}, "
+                f"not {getattr(cfg, name)}: use the same setting or a new --run-dir"
+            )
+
+
+def _sweep(folder: Path) -> list[ManifestEntry]:
+    """Keep only verified episodes; report and delete everything else."""
+    for path in remove_temp_files(folder):
+        log(f"removed unfinished temp file {path.name}")
+    valid, problems = validate_entries(folder, read_manifest(folder))
+    for problem in problems:
+        log(f"invalid episode, will re-collect: {problem}")
+    listed = {e.file for e in valid}
+    for path in sorted(folder.glob("episode_*.npz")):
+        if path.name not in listed:
+            if not any(path.name in p for p in problems):
+                log(f"invalid episode, will re-collect: {path.name}: no manifest line (unfinished)")
+            path.unlink()
+    rewrite_manifest(folder, valid)
+    return valid
+
+
+class _EpisodeWriter:
+    """Compresses and writes finished episodes on a background thread (bounded queue)."""
+
+    def __init__(self, folder: Path, compress_level: int, depth: int):
+        self.folder = folder
+        self.compress_level = compress_level
+        self.jobs: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def submit(self, index: int, episode: Episode) -> None:
+        if self.error is not None:
+            raise self.error
+        self.jobs.put((index, episode))
+
+    def _loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            index, ep = job
+            try:
+                name = episode_file_name(index)
+                digest = write_episode(self.folder / name, ep, self.compress_level)
+                entry = ManifestEntry(
+                    index=index,
+                    file=name,
+                    seed=ep.seed,
+                    steps=ep.steps,
+                    total_reward=round(ep.total_reward, 4),
+                    terminated=ep.terminated,
+                    truncated=ep.truncated,
+                    sha256=digest,
+                )
+                append_manifest(self.folder, entry)
+            except BaseException as err:
+                self.error = err
+                return
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _play_wave(env, cfg: CollectConfig, indices: list[int], writer: _EpisodeWriter, bar) -> None:
+    """Run one episode per slot and hand each to the writer as soon as it ends."""
+    n = len(indices)
+    seeds = [cfg.seed + i for i in indices]
+    policy = make_policy(cfg.policy, seeds)
+    obs = np.empty((n, cfg.max_steps + 1, 64, 64, 3), np.uint8)
+    actions = np.zeros((n, cfg.max_steps, 3), np.float32)
+    rewards = np.zeros((n, cfg.max_steps), np.float32)
+    obs[:, 0] = preprocess_frames(env.reset(seeds), crop=cfg.crop)
+    written = np.zeros(n, bool)
+    while not env.done:
+        playing = env.active.copy()
+        t = env.steps.copy()
+        act = policy.act()
+        result = env.step(act)
+        rows = np.flatnonzero(playing)
+        actions[rows, t[rows]] = act[rows]
+        rewards[rows, t[rows]] = result.reward[rows]
+        obs[rows, t[rows] + 1] = preprocess_frames(result.obs[rows], crop=cfg.crop)
+        bar.update(len(rows))
+        for k in np.flatnonzero(~env.active & ~written):
+            steps = int(env.steps[k])
+            episode = Episode(
+                obs=obs[k, : steps + 1].copy(),
+                actions=actions[k, :steps].copy(),
+                rewards=rewards[k, :steps].copy(),
+                terminated=bool(env.terminated[k]),
+                truncated=bool(env.truncated[k]),
+                seed=seeds[k],
+                env=cfg.env,
+                crop=cfg.crop,
+            )
+            writer.submit(indices[k], episode)
+            written[k] = True
+
+
+def run(cfg: CollectConfig) -> Path:
+    """Collect until `cfg.episodes` valid episodes exist; return the episodes folder."""
+    cfg.validate()
+    layout = RunDir(cfg.run_dir)
+    folder = writable_dir(layout.episodes)
+    config_path = layout.data / "config.json"
+    _check_same_data(cfg, config_path)
+    save_config(cfg, config_path)
+
+    done = {e.index for e in _sweep(folder)}
+    todo = [i for i in range(cfg.episodes) if i not in done]
+    if not todo:
+        log(f"collect: {cfg.episodes} valid episodes already in {folder}, nothing to do")
+        return folder
+    log(f"collect: {len(done)} valid episodes on disk, collecting {len(todo)} on {cfg.env}")
+
+    started = time.perf_counter()
+    bar = progress_bar(len(todo) * cfg.max_steps, "collect", unit="step")
+    writer = _EpisodeWriter(folder, cfg.compress_level, depth=cfg.envs)
+    env = None
+    try:
+        for start in range(0, len(todo), cfg.envs):
+            wave = todo[start : start + cfg.envs]
+            if env is None or env.num_envs != len(wave):
+                if env is not None:
+                    env.close()
+                env = make_env(cfg.env, len(wave), cfg.max_steps, default_workers(cfg.workers))
+            _play_wave(env, cfg, wave, writer, bar)
+            bar.set_postfix(episodes=f"{len(done) + start + len(wave)}/{cfg.episodes}")
+    finally:
+        if env is not None:
+            env.close()
+        bar.close()
+        writer.close()
+    elapsed = time.perf_counter() - started
+    steps = sum(e.steps for e in read_manifest(folder) if e.index in set(todo))
+    log(f"collect: {len(todo)} episodes, {steps} steps in {elapsed:.1f}s ({steps / elapsed:.0f} steps/s)")
+    return folder
