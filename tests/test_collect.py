@@ -47,12 +47,24 @@ def test_resume_repairs_damage_and_recollects_identical_episodes(tmp_path):
 
 
 def test_kill_9_then_rerun_gives_exactly_n_valid_episodes(tmp_path):
-    args = ["collect", "--run-dir", str(tmp_path), "--episodes", "12", "--max-steps", "60", "--envs", "2"]
+    args = [
+        "collect",
+        "--run-dir",
+        str(tmp_path),
+        "--episodes",
+        "12",
+        "--max-steps",
+        "60",
+        "--envs",
+        "2",
+    ]
     env = dict(os.environ, WORLDMODELS_PROGRESS="0")
     proc = subprocess.Popen([sys.executable, "-m", "worldmodels.cli", *args], env=env)
     manifest = RunDir(tmp_path).episodes / "manifest.jsonl"
     deadline = time.time() + 60
-    while time.time() < deadline and (not manifest.exists() or len(manifest.read_text().splitlines()) < 3):
+    while time.time() < deadline and (
+        not manifest.exists() or len(manifest.read_text().splitlines()) < 3
+    ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -66,7 +78,9 @@ def test_kill_9_then_rerun_gives_exactly_n_valid_episodes(tmp_path):
 
 
 def test_gymnasium_backend_collects_too(tmp_path):
-    collect.run(_cfg(tmp_path, env="gymnasium", episodes=2, max_steps=10, workers=2, policy="random"))
+    collect.run(
+        _cfg(tmp_path, env="gymnasium", episodes=2, max_steps=10, workers=2, policy="random")
+    )
     entries = open_episodes(RunDir(tmp_path).episodes)
     assert [e.steps for e in entries] == [10, 10]
     assert load_episode(RunDir(tmp_path).episodes / entries[0].file).env == "gymnasium"
@@ -105,7 +119,22 @@ def test_unwritable_run_dir_and_changed_settings_keep_existing_data(tmp_path, ca
     collect.run(_cfg(tmp_path, episodes=2))
     before = read_manifest(RunDir(tmp_path).episodes)
     capsys.readouterr()
-    assert main(["collect", "--run-dir", str(tmp_path), "--episodes", "3", "--max-steps", "25", "--seed", "9"]) == 2
+    assert (
+        main(
+            [
+                "collect",
+                "--run-dir",
+                str(tmp_path),
+                "--episodes",
+                "3",
+                "--max-steps",
+                "25",
+                "--seed",
+                "9",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "seed=0" in err and len(err.strip().splitlines()) == 1
     assert read_manifest(RunDir(tmp_path).episodes) == before

@@ -29,7 +29,9 @@ def test_collected_episodes_follow_the_schema(tiny_run):
         assert ep.actions.shape == (40, 3) and ep.actions.dtype == np.float32
         assert ep.rewards.shape == (40,) and ep.env == "envpool" and ep.crop
         assert ep.truncated and not ep.terminated
-        assert ep.seed == entry.seed and ep.total_reward == pytest.approx(entry.total_reward, abs=1e-3)
+        assert ep.seed == entry.seed and ep.total_reward == pytest.approx(
+            entry.total_reward, abs=1e-3
+        )
         assert (ep.actions[:, 0] >= -1).all() and (ep.actions[:, 1:] >= 0).all()
         assert ep.obs.std() > 10  # real pictures, not blank frames
 
@@ -89,7 +91,12 @@ def test_stream_yields_every_frame_once_shuffled_across_episodes(tiny_run):
     assert all(len(b) == 32 for b in batches[:-1])
     ordered = np.concatenate(list(iterate_frame_batches(folder, entries, 32)))
     # same multiset of frames: compare per-frame sums after sorting
-    assert np.array_equal(np.sort(frames.reshape(len(frames), -1).sum(1)), np.sort(ordered.reshape(len(ordered), -1).sum(1)))
+    assert np.array_equal(
+        np.sort(frames.reshape(len(frames), -1).sum(1)),
+        np.sort(ordered.reshape(len(ordered), -1).sum(1)),
+    )
     # shuffled: the first batch mixes frames of several episodes (episode = block of 41 frames)
-    first_ids = {int(np.flatnonzero((ordered == f).all(axis=(1, 2, 3)))[0]) // 41 for f in batches[0]}
+    first_ids = {
+        int(np.flatnonzero((ordered == f).all(axis=(1, 2, 3)))[0]) // 41 for f in batches[0]
+    }
     assert len(first_ids) > 1

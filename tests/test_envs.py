@@ -25,7 +25,7 @@ def test_backend_honours_the_contract(backend):
     with make_env(backend, 2, max_steps=5) as env:
         obs = env.reset([7, 8])
         assert obs.shape == (2, 96, 96, 3) and obs.dtype == np.uint8
-        for t in range(5):
+        for _t in range(5):
             assert env.active.all()
             result = env.step(np.tile(GAS, (2, 1)))
             assert result.reward.dtype == np.float32 and result.reward.shape == (2,)

@@ -42,7 +42,13 @@ def bare_envpool(cfg: BenchConfig) -> dict:
         warnings.simplefilter("ignore")
         import envpool
 
-        pool = envpool.make("CarRacing-v3", env_type="gymnasium", num_envs=cfg.envs, seed=0, num_threads=os.cpu_count())
+        pool = envpool.make(
+            "CarRacing-v3",
+            env_type="gymnasium",
+            num_envs=cfg.envs,
+            seed=0,
+            num_threads=os.cpu_count(),
+        )
     pool.reset()
     rng = np.random.default_rng(0)
     steps = 0
@@ -81,14 +87,21 @@ def _collect(env: str, episodes: int, max_steps: int, envs: int) -> dict:
     from worldmodels.stages import collect
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = collect.CollectConfig(run_dir=Path(tmp), episodes=episodes, max_steps=max_steps, env=env, envs=envs)
+        cfg = collect.CollectConfig(
+            run_dir=Path(tmp), episodes=episodes, max_steps=max_steps, env=env, envs=envs
+        )
         start = time.perf_counter()
         collect.run(cfg)
         wall = time.perf_counter() - start
         from worldmodels.data import read_manifest
 
         steps = sum(e.steps for e in read_manifest(Path(tmp) / "data" / "episodes"))
-    return {"steps_per_s": steps / wall, "episodes": episodes, "max_steps": max_steps, "wall_s": wall}
+    return {
+        "steps_per_s": steps / wall,
+        "episodes": episodes,
+        "max_steps": max_steps,
+        "wall_s": wall,
+    }
 
 
 def collect_envpool(cfg: BenchConfig) -> dict:

@@ -38,7 +38,9 @@ def steps_per_second(backend: str, steps: int, num_envs: int = 4) -> float:
         done = 0
         start = time.perf_counter()
         while done < steps:
-            action = np.c_[rng.uniform(-0.2, 0.2, num_envs), np.full(num_envs, 0.5), np.zeros(num_envs)]
+            action = np.c_[
+                rng.uniform(-0.2, 0.2, num_envs), np.full(num_envs, 0.5), np.zeros(num_envs)
+            ]
             result = env.step(action)
             if not np.isfinite(result.reward).all() or result.obs.shape[1:] != (96, 96, 3):
                 raise UserError(f"{backend} returned malformed steps")
@@ -58,7 +60,9 @@ def run(cfg: CheckConfig) -> None:
         print(f"{module:<11} {_version(module)}")
     print(f"cpu cores   {os.cpu_count()}, torch threads {torch.get_num_threads()}")
     print(f"cuda        {torch.cuda.is_available()}")
-    print(f"display     {display or 'none (SDL_VIDEODRIVER=' + os.environ.get('SDL_VIDEODRIVER', '') + ')'}")
+    print(
+        f"display     {display or 'none (SDL_VIDEODRIVER=' + os.environ.get('SDL_VIDEODRIVER', '') + ')'}"
+    )
     backends = [b.strip() for b in cfg.envs.split(",") if b.strip()]
     for backend in backends:
         if backend not in BACKENDS:
@@ -68,6 +72,10 @@ def run(cfg: CheckConfig) -> None:
         except UserError:
             raise
         except Exception as err:
-            raise UserError(f"{backend} CarRacing-v3 failed to step: {type(err).__name__}: {err}") from None
-        print(f"{backend:<11} {rate:,.0f} steps/s (4 envs, {'1 process' if backend == 'gymnasium' else 'threads'})")
+            raise UserError(
+                f"{backend} CarRacing-v3 failed to step: {type(err).__name__}: {err}"
+            ) from None
+        print(
+            f"{backend:<11} {rate:,.0f} steps/s (4 envs, {'1 process' if backend == 'gymnasium' else 'threads'})"
+        )
     print("ok")

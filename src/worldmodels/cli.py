@@ -28,9 +28,21 @@ def _commands() -> list[Command]:
     from worldmodels.stages import collect
 
     return [
-        Command("check", "print versions and step each env backend (sanity check)", check.CheckConfig, check.run),
-        Command("collect", "collect exploration rollouts, one file per episode (resumable)", collect.CollectConfig, collect.run),
-        Command("bench", "measure env and pipeline throughput, print JSON", bench.BenchConfig, bench.run),
+        Command(
+            "check",
+            "print versions and step each env backend (sanity check)",
+            check.CheckConfig,
+            check.run,
+        ),
+        Command(
+            "collect",
+            "collect exploration rollouts, one file per episode (resumable)",
+            collect.CollectConfig,
+            collect.run,
+        ),
+        Command(
+            "bench", "measure env and pipeline throughput, print JSON", bench.BenchConfig, bench.run
+        ),
     ]
 
 
@@ -71,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"worldmodels {command.name}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"worldmodels {command.name}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(
+            f"worldmodels {command.name}: interrupted; rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

@@ -67,7 +67,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str
         flag = "--" + prefix + field.name.replace("_", "-")
         default = field.default
         help_text = field.metadata.get("help", "")
-        help_text += f" (default: {','.join(map(str, default)) if isinstance(default, tuple) else default})"
+        help_text += (
+            f" (default: {','.join(map(str, default)) if isinstance(default, tuple) else default})"
+        )
         kwargs: dict[str, Any] = {
             "dest": prefix + field.name,
             "type": parse,
@@ -81,7 +83,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str
         group.add_argument(flag, **kwargs)
 
 
-def config_from_args(cls: type[T], args: argparse.Namespace, prefix: str = "", base: T | None = None) -> T:
+def config_from_args(
+    cls: type[T], args: argparse.Namespace, prefix: str = "", base: T | None = None
+) -> T:
     """Build a config: fields given on the command line override `base` (or the defaults)."""
     given = {
         field.name: getattr(args, prefix + field.name)

@@ -54,5 +54,7 @@ def writable_dir(path: Path) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise UserError(f"cannot write to {path}: {err.strerror or err}: choose another --run-dir") from None
+        raise UserError(
+            f"cannot write to {path}: {err.strerror or err}: choose another --run-dir"
+        ) from None
     return path

@@ -61,7 +61,9 @@ def rewrite_manifest(folder: Path, entries: list[ManifestEntry]) -> None:
     atomic_write_text(Path(folder) / MANIFEST_NAME, text)
 
 
-def validate_entries(folder: Path, entries: list[ManifestEntry]) -> tuple[list[ManifestEntry], list[str]]:
+def validate_entries(
+    folder: Path, entries: list[ManifestEntry]
+) -> tuple[list[ManifestEntry], list[str]]:
     """Split entries into those whose file exists with the right checksum, and problem lines."""
     valid, problems = [], []
     for entry in entries:

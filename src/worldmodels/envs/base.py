@@ -83,7 +83,9 @@ class BatchedEnv(abc.ABC):
     def _reset(self, seeds: list[int]) -> np.ndarray: ...
 
     @abc.abstractmethod
-    def _step(self, ids: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _step(
+        self, ids: np.ndarray, actions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Step slots `ids`; return their (obs, reward, terminated-by-env)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook

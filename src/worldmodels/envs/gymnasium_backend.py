@@ -7,6 +7,7 @@ playing. `workers=0` keeps everything in this process (tests, debugging).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import warnings
@@ -50,7 +51,11 @@ class _Slots:
             rewards.append(r)
             terms.append(terminated)
         empty = np.zeros((0, 96, 96, 3), np.uint8)
-        return (np.stack(obs) if obs else empty, np.array(rewards, np.float32), np.array(terms, bool))
+        return (
+            np.stack(obs) if obs else empty,
+            np.array(rewards, np.float32),
+            np.array(terms, bool),
+        )
 
     def close(self) -> None:
         for env in self.envs:
@@ -123,10 +128,8 @@ class GymnasiumEnv(BatchedEnv):
             self._local.close()
             return
         for conn in self._conns:
-            try:
+            with contextlib.suppress(BrokenPipeError, OSError):
                 conn.send(("close", None))
-            except (BrokenPipeError, OSError):
-                pass
         for proc in self._procs:
             proc.join(timeout=5)
             if proc.is_alive():

@@ -41,16 +41,24 @@ from worldmodels.progress import log, progress_bar
 
 @dataclass
 class CollectConfig:
-    run_dir: Path = option(Path("runs/default"), "run directory; episodes go to <run-dir>/data/episodes")
+    run_dir: Path = option(
+        Path("runs/default"), "run directory; episodes go to <run-dir>/data/episodes"
+    )
     episodes: int = option(200, "number of episodes to end up with (episode i plays track seed+i)")
     max_steps: int = option(1000, "steps per episode before truncation (at most 1000)")
-    env: str = option("envpool", "env backend: envpool (fast C++) or gymnasium (official)", BACKENDS)
-    policy: str = option("brownian", "exploration policy: brownian (smooth) or random (i.i.d.)", POLICIES)
+    env: str = option(
+        "envpool", "env backend: envpool (fast C++) or gymnasium (official)", BACKENDS
+    )
+    policy: str = option(
+        "brownian", "exploration policy: brownian (smooth) or random (i.i.d.)", POLICIES
+    )
     seed: int = option(0, "track seed of episode 0")
     envs: int = option(16, "env slots stepped together in one wave")
     workers: int = option(0, "envpool threads or gymnasium processes (0 = one per CPU core)")
     crop: bool = option(True, "crop the dashboard (keep the top 84 rows) before resizing to 64x64")
-    compress_level: int = option(1, "deflate level of episode files (0 = store, 1 = fast, 9 = small)")
+    compress_level: int = option(
+        1, "deflate level of episode files (0 = store, 1 = fast, 9 = small)"
+    )
 
     def validate(self) -> None:
         if self.episodes < 0:
@@ -64,7 +72,9 @@ class CollectConfig:
         if self.env not in BACKENDS:
             raise UserError(f"unknown --env {self.env!r}: choose one of {', '.join(BACKENDS)}")
         if self.policy not in POLICIES:
-            raise UserError(f"unknown --policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+            raise UserError(
+                f"unknown --policy {self.policy!r}: choose one of {', '.join(POLICIES)}"
+            )
         if not 0 <= self.compress_level <= 9:
             raise UserError(f"--compress-level must be in 0..9, got {self.compress_level}")
 
@@ -218,5 +228,7 @@ def run(cfg: CollectConfig) -> Path:
         writer.close()
     elapsed = time.perf_counter() - started
     steps = sum(e.steps for e in read_manifest(folder) if e.index in set(todo))
-    log(f"collect: {len(todo)} episodes, {steps} steps in {elapsed:.1f}s ({steps / elapsed:.0f} steps/s)")
+    log(
+        f"collect: {len(todo)} episodes, {steps} steps in {elapsed:.1f}s ({steps / elapsed:.0f} steps/s)"
+    )
     return folder
