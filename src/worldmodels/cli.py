@@ -19,15 +19,34 @@ from worldmodels.errors import UserError
 class Command:
     name: str
     help: str
-    config: type | None
-    run: Callable  # run(cfg) or run(args)
+    config: type | None  # the stage's config dataclass: one flag per field
+    run: Callable  # run(cfg); with config None, run(args) after add_arguments(parser)
+    add_arguments: Callable | None = None
 
 
 def _commands() -> list[Command]:
-    from worldmodels import bench, check
-    from worldmodels.stages import collect
+    from worldmodels import bench, check, report
+    from worldmodels.stages import (
+        collect,
+        dream,
+        encode,
+        evaluate,
+        play,
+        train_controller,
+        train_mdnrnn,
+        train_vae,
+        visualize_vae,
+    )
+    from worldmodels.stages import run as pipeline
 
     return [
+        Command(
+            "run",
+            "the whole pipeline, resumable: collect → V → M → dream → C → evaluate → report",
+            None,
+            pipeline.run_from_args,
+            pipeline.add_arguments,
+        ),
         Command(
             "check",
             "print versions and step each env backend (sanity check)",
@@ -39,6 +58,60 @@ def _commands() -> list[Command]:
             "collect exploration rollouts, one file per episode (resumable)",
             collect.CollectConfig,
             collect.run,
+        ),
+        Command(
+            "train-vae",
+            "train V, the conv VAE, on the collected frames (resumable)",
+            train_vae.TrainVAEConfig,
+            train_vae.run,
+        ),
+        Command(
+            "visualize-vae",
+            "write reconstruction and latent-traversal PNGs of the trained VAE",
+            visualize_vae.VisualizeVAEConfig,
+            visualize_vae.run,
+        ),
+        Command(
+            "encode",
+            "encode every episode into its VAE latents (mu, logvar) per frame (resumable)",
+            encode.EncodeConfig,
+            encode.run,
+        ),
+        Command(
+            "train-mdnrnn",
+            "train M, the MDN-RNN, on the latents with truncated BPTT (resumable)",
+            train_mdnrnn.TrainMDNRNNConfig,
+            train_mdnrnn.run,
+        ),
+        Command(
+            "dream",
+            "roll M forward from a real frame: real-vs-dream GIF and latent-error plot",
+            dream.DreamConfig,
+            dream.run,
+        ),
+        Command(
+            "train-controller",
+            "train the linear controller with CMA-ES, population batched in one env pool (resumable)",
+            train_controller.TrainControllerConfig,
+            train_controller.run,
+        ),
+        Command(
+            "evaluate",
+            "score the saved controller on N official CarRacing-v3 tracks (mean ± std, GIFs)",
+            evaluate.EvaluateConfig,
+            evaluate.run,
+        ),
+        Command(
+            "play",
+            "watch the agent drive live: real frame, V's reconstruction, return so far",
+            play.PlayConfig,
+            play.run,
+        ),
+        Command(
+            "report",
+            "rebuild report.md and report.html of a run dir",
+            report.ReportConfig,
+            report.run,
         ),
         Command(
             "bench", "measure env and pipeline throughput, print JSON", bench.BenchConfig, bench.run
@@ -69,6 +142,8 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
         )
         if command.config is not None:
             add_config_arguments(child, command.config)
+        elif command.add_arguments is not None:
+            command.add_arguments(child)
     return parser
 
 

@@ -55,16 +55,20 @@ _PARSERS: dict[Any, Any] = {
 }
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type, prefix: str = "", skip: tuple[str, ...] = ()
+) -> None:
     """Add one `--<prefix><field>` flag per dataclass field, defaulting to "not given"."""
     types = _field_types(cls)
-    group = parser.add_argument_group(prefix.rstrip(".") or None)
+    group = parser.add_argument_group(f"{prefix.rstrip('.')} settings") if prefix else parser
     for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
         ftype = types[field.name]
         parse = _PARSERS.get(ftype)
         if parse is None:
             continue
-        flag = "--" + prefix + field.name.replace("_", "-")
+        flag = "--" + prefix + field.name.replace("_", "-")  # e.g. --vae.epochs
         default = field.default
         help_text = field.metadata.get("help", "")
         help_text += (

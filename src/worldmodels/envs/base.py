@@ -75,6 +75,12 @@ class BatchedEnv(abc.ABC):
             self.last_obs.copy(), reward, self.terminated.copy(), self.truncated.copy()
         )
 
+    def stop(self, mask: np.ndarray) -> None:
+        """End the episodes of the slots in `mask` now (counted as truncated): early stopping."""
+        mask = np.asarray(mask, dtype=bool) & self.active
+        self.truncated[mask] = True
+        self.active[mask] = False
+
     @property
     def done(self) -> bool:
         return not self.active.any()

@@ -1,0 +1,278 @@
+"""`worldmodels report`: one page per run — the results table, learning curves and pictures.
+
+`report.md` links the images beside it; `report.html` embeds them (base64), so the one file can
+be mailed or attached. Missing parts (a stage not run yet) are reported as missing, not guessed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from worldmodels.config import option
+from worldmodels.errors import UserError
+from worldmodels.io import atomic_write_text
+from worldmodels.layout import RunDir
+from worldmodels.metrics import read_metrics
+
+REFERENCE = {
+    "vae_sse": 19.5,
+    "mdn_nll": 36.0,
+    "best_generation": 881,
+    "eval": "325 (5 episodes, 500-step cap)",
+}
+
+
+@dataclass
+class ReportConfig:
+    run_dir: Path = option(Path("runs/default"), "run directory to report on")
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _plot_curves(layout: RunDir, out: Path) -> Path | None:
+    """Three panels: VAE losses, MDN-RNN losses, CMA-ES best/mean per generation (+σ)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vae = read_metrics(layout.vae / "metrics.jsonl")
+    mdn = read_metrics(layout.mdnrnn / "metrics.jsonl")
+    ctrl = read_metrics(layout.controller / "metrics.jsonl")
+    if not (vae or mdn or ctrl):
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    _panel(axes[0], vae, "epoch", ["train_sse", "val_sse"], "V: summed squared error / image")
+    _panel(axes[1], mdn, "epoch", ["train_nll", "val_nll"], "M: NLL per latent dim")
+    ax = axes[2]
+    if ctrl:
+        gens = [r["generation"] for r in ctrl]
+        ax.plot(gens, [r["best"] for r in ctrl], label="best candidate")
+        ax.plot(gens, [r["mean"] for r in ctrl], label="population mean")
+        checks = [(r["generation"], r["check_mean"]) for r in ctrl if "check_mean" in r]
+        if checks:
+            ax.plot(*zip(*checks), "o-", label="CMA-ES mean, held-out tracks")
+        ax.set_xlabel("generation")
+        ax.set_title("C: CMA-ES returns")
+        ax.legend(fontsize=8)
+        twin = ax.twinx()
+        twin.plot(gens, [r["sigma"] for r in ctrl], color="grey", alpha=0.4)
+        twin.set_ylabel("σ", color="grey")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def _panel(ax, rows: list[dict], x: str, keys: list[str], title: str) -> None:
+    ax.set_title(title)
+    for key in keys:
+        points = [(r[x], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=key)
+    ax.set_xlabel(x)
+    if rows:
+        ax.legend(fontsize=8)
+
+
+def collect_figures(layout: RunDir) -> dict:
+    vae_meta = _json(layout.vae / "model.json") or {}
+    mdn_rows = [r for r in read_metrics(layout.mdnrnn / "metrics.jsonl") if "val_nll" in r]
+    mdn_last = mdn_rows[-1] if mdn_rows else {}
+    ctrl = read_metrics(layout.controller / "metrics.jsonl")
+    evaluation = _json(layout.eval / "eval.json") or {}
+    run_meta = _json(layout.root / "run.json") or {}
+    return {
+        "vae_sse": vae_meta.get("val_sse"),
+        "vae_mse": vae_meta.get("val_mse"),
+        "mdn_nll": mdn_last.get("val_nll"),
+        "mdn_nll_sum": mdn_last.get("val_nll_sum"),
+        "best_generation": max((r["best"] for r in ctrl), default=None),
+        "generations": len(ctrl),
+        "eval": evaluation,
+        "stages": run_meta.get("stages", {}),
+        "rates": stage_rates(layout, evaluation),
+        "preset": run_meta.get("preset"),
+    }
+
+
+def results_table(fig: dict) -> str:
+    ev = fig["eval"]
+    proto = ev.get("protocol", {})
+    eval_cell = (
+        f"**{ev['mean']:.1f} ± {ev['std']:.1f}** over {proto['episodes']} official tracks "
+        f"(seeds {proto['seeds'][0]}–{proto['seeds'][1]}, {proto['max_steps']}-step limit)"
+        if ev
+        else "—"
+    )
+    rows = [
+        (
+            "VAE: summed squared error per image (held-out)",
+            _fmt(fig["vae_sse"], 2),
+            REFERENCE["vae_sse"],
+        ),
+        ("VAE: per-pixel MSE (held-out)", _fmt(fig["vae_mse"], 5), "—"),
+        ("MDN-RNN: NLL per latent dim (held-out)", _fmt(fig["mdn_nll"], 3), "—"),
+        (
+            "MDN-RNN: NLL summed over z (held-out)",
+            _fmt(fig["mdn_nll_sum"], 2),
+            REFERENCE["mdn_nll"],
+        ),
+        (
+            f"Controller: best generation return ({fig['generations']} generations)",
+            _fmt(fig["best_generation"]),
+            REFERENCE["best_generation"],
+        ),
+        ("Evaluation mean ± std", eval_cell, REFERENCE["eval"]),
+        ("Fraction of tracks ≥ 900", _fmt(ev.get("fraction_solved"), 2) if ev else "—", "—"),
+    ]
+    lines = ["| figure | this run | reference |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def _mean_of(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if key in r]
+    return sum(values) / len(values) if values else None
+
+
+def stage_rates(layout: RunDir, evaluation: dict) -> dict[str, str]:
+    """A throughput per stage, from what each stage logged."""
+    rates = {}
+    vae = _mean_of(read_metrics(layout.vae / "metrics.jsonl"), "img_per_s")
+    mdn = _mean_of(read_metrics(layout.mdnrnn / "metrics.jsonl")[1:], "seq_per_s")
+    ctrl = _mean_of(read_metrics(layout.controller / "metrics.jsonl"), "steps_per_s")
+    if vae:
+        rates["vae"] = f"{vae:,.0f} img/s"
+    if mdn:
+        rates["mdnrnn"] = f"{mdn:,.0f} seq/s"
+    if ctrl:
+        rates["controller"] = f"{ctrl:,.0f} env steps/s"
+    if evaluation:
+        rates["evaluate"] = f"{evaluation['steps_per_s']:,.0f} env steps/s"
+    return rates
+
+
+def stage_table(stages: dict, rates: dict[str, str]) -> str:
+    if not stages:
+        return "_No stage timings (run `worldmodels run` to record them)._"
+    lines = ["| stage | wall time | throughput |", "|---|---|---|"]
+    for name, info in stages.items():
+        lines.append(f"| {name} | {info.get('wall_s', 0) / 60:.1f} min | {rates.get(name, '—')} |")
+    total = sum(info.get("wall_s", 0) for info in stages.values())
+    lines.append(f"| **total** | **{total / 60:.1f} min** | |")
+    return "\n".join(lines)
+
+
+def build_markdown(layout: RunDir, fig: dict, images: dict[str, Path]) -> str:
+    parts = [f"# World Models run: `{layout.root}`", ""]
+    if fig["preset"]:
+        parts += [f"Preset: `{fig['preset']}`.", ""]
+    parts += ["## Results", "", results_table(fig), ""]
+    parts += ["## Wall time per stage", "", stage_table(fig["stages"], fig["rates"]), ""]
+    captions = {
+        "curves": "Learning curves",
+        "reconstructions": "V: held-out frames (top) and reconstructions; prior samples",
+        "traversal": "V: latent traversal",
+        "dream": "M: real (left) vs dream (right)",
+        "latent_error": "M: latent error over the dream horizon",
+        "best": "C: best evaluation track",
+        "worst": "C: worst evaluation track",
+    }
+    for key, caption in captions.items():
+        if key in images:
+            rel = images[key].relative_to(layout.root)
+            parts += [f"### {caption}", "", f"![{caption}]({rel.as_posix()})", ""]
+    return "\n".join(parts)
+
+
+def _data_uri(path: Path) -> str:
+    mime = "image/gif" if path.suffix == ".gif" else "image/png"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def markdown_to_html(markdown: str, layout: RunDir) -> str:
+    """A tiny converter for the subset `build_markdown` writes: headings, tables, images."""
+    body, table = [], []
+
+    def flush_table() -> None:
+        if table:
+            rows = [r.strip("|").split("|") for r in table if not set(r) <= set("|-")]
+            cells = lambda r, tag: "".join(f"<{tag}>{_inline(c.strip())}</{tag}>" for c in r)  # noqa: E731
+            body.append("<table><tr>" + cells(rows[0], "th") + "</tr>")
+            body.extend("<tr>" + cells(r, "td") + "</tr>" for r in rows[1:])
+            body.append("</table>")
+            table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("!["):
+            alt, src = line[2:].split("](")
+            body.append(
+                f'<img alt="{html.escape(alt)}" src="{_data_uri(layout.root / src.rstrip(")"))}">'
+            )
+        elif line:
+            body.append(f"<p>{_inline(line)}</p>")
+    flush_table()
+    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:100%}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>World Models report</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+
+
+def _inline(text: str) -> str:
+    escaped = html.escape(text)
+    parts = escaped.split("**")
+    escaped = "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+    parts = escaped.split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def find_images(layout: RunDir) -> dict[str, Path]:
+    candidates = {
+        "reconstructions": layout.vae / "reconstructions.png",
+        "traversal": layout.vae / "traversal.png",
+        "dream": layout.dream / "dream.gif",
+        "latent_error": layout.dream / "latent_error.png",
+    }
+    images = {k: p for k, p in candidates.items() if p.exists()}
+    for key in ("best", "worst"):
+        found = sorted(layout.eval.glob(f"{key}_seed*.gif"))
+        if found:
+            images[key] = found[0]
+    return images
+
+
+def run(cfg: ReportConfig) -> Path:
+    layout = RunDir(cfg.run_dir)
+    if not layout.root.exists():
+        raise UserError(f"run dir {layout.root} does not exist: run `worldmodels run` first")
+    images = find_images(layout)
+    curves = _plot_curves(layout, layout.root / "learning_curves.png")
+    if curves is not None:
+        images = {"curves": curves, **images}
+    markdown = build_markdown(layout, collect_figures(layout), images)
+    atomic_write_text(layout.root / "report.md", markdown)
+    atomic_write_text(layout.root / "report.html", markdown_to_html(markdown, layout))
+    return layout.root / "report.md"

@@ -1,0 +1,226 @@
+"""`worldmodels dream`: what M imagines, next to what really happened.
+
+From a real start frame (its encoded μ), M is rolled forward with the episode's real actions
+(or, with `--policy random`, smooth random ones) and every dreamed z is decoded by the VAE:
+  <out>/dream.gif          real (left) and dream (right), side by side, upscaled;
+  <out>/latent_error.png   mean squared distance between the dreamed z_t and the encoded real
+                           μ_t over the horizon t, averaged over held-out episodes and several
+                           dreams each (always with the real actions), against the "nothing
+                           moves" baseline z_t = μ_0;
+  <out>/latent_error.json  the plotted numbers.
+The GIF has steps + 1 frames: the start frame, then one frame per step.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from worldmodels.config import load_config, option, save_config
+from worldmodels.data import load_episode, open_episodes, split_by_episode
+from worldmodels.data.manifest import ManifestEntry
+from worldmodels.dream import DreamEnv, dream_rollout
+from worldmodels.errors import UserError
+from worldmodels.io import atomic_write_bytes, atomic_write_text
+from worldmodels.layout import RunDir, writable_dir
+from worldmodels.policies import BrownianPolicy
+from worldmodels.progress import log
+from worldmodels.runtime import pick_device
+from worldmodels.stages.encode import load_latents, load_vae, open_latents
+from worldmodels.stages.train_mdnrnn import TrainMDNRNNConfig, load_mdnrnn
+
+DREAM_POLICIES = ("real", "random")
+
+
+@dataclass
+class DreamConfig:
+    run_dir: Path = option(Path("runs/default"), "run directory with a trained VAE and M")
+    episode: int = option(-1, "episode index to start from (-1 = the first held-out episode)")
+    steps: int = option(80, "dream steps to roll out and show")
+    temperature: float = option(1.15, "mixture temperature τ of the dream (higher = wilder)")
+    policy: str = option(
+        "real", "dream actions: real (the episode's) or random (brownian)", DREAM_POLICIES
+    )
+    error_episodes: int = option(8, "held-out episodes averaged in the latent-error plot")
+    error_samples: int = option(4, "dreams per episode in the latent-error plot")
+    scale: int = option(4, "upscale factor of the 64x64 frames in the GIF")
+    fps: int = option(15, "GIF frames per second")
+    seed: int = option(0, "seed of the dream sampling (and of the random policy)")
+    out: Path = option(Path(""), "output folder (default: <run-dir>/dream)")
+    device: str = option("cpu", "torch device: auto, cpu or cuda")
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.scale < 1 or self.fps < 1:
+            raise UserError("need --steps >= 1, --scale >= 1 and --fps >= 1")
+        if self.error_episodes < 1 or self.error_samples < 1:
+            raise UserError("need --error-episodes >= 1 and --error-samples >= 1")
+        if self.policy not in DREAM_POLICIES:
+            raise UserError(f"unknown --policy {self.policy!r}: choose one of real, random")
+
+
+# --- pictures ---------------------------------------------------------------------------------
+
+
+def side_by_side(real: np.ndarray, dream: np.ndarray, scale: int, tau: float) -> np.ndarray:
+    """uint8 (N,64,64,3) pairs → labelled (N, 64s+14, 128s+4, 3) frames: real | dream."""
+    from PIL import Image, ImageDraw
+
+    def up(x: np.ndarray) -> np.ndarray:
+        return x.repeat(scale, axis=1).repeat(scale, axis=2)
+
+    n, h = len(real), 64 * scale
+    gap = np.full((n, h, 4, 3), 255, np.uint8)
+    body = np.concatenate([up(real), gap, up(dream)], axis=2)
+    header = np.full((n, 14, body.shape[2], 3), 255, np.uint8)
+    frames = np.concatenate([header, body], axis=1)
+    out = []
+    for t, frame in enumerate(frames):
+        image = Image.fromarray(frame)
+        draw = ImageDraw.Draw(image)
+        draw.text((2, 1), f"real  t={t}", fill=(0, 0, 0))
+        draw.text((h + 6, 1), f"dream  tau={tau:g}", fill=(0, 0, 0))
+        out.append(np.asarray(image))
+    return np.stack(out)
+
+
+def gif_bytes(frames: np.ndarray, fps: int) -> bytes:
+    import imageio.v3 as iio
+
+    return iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0)
+
+
+def plot_bytes(curves: dict[str, np.ndarray], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, values in curves.items():
+        ax.plot(np.arange(len(values)), values, label=label)
+    ax.set_xlabel("horizon t (steps after the real start frame)")
+    ax.set_ylabel("mean squared latent error per dim")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# --- dreams -----------------------------------------------------------------------------------
+
+
+def _held_out(run_dir: Path, entries: list[ManifestEntry]) -> list[ManifestEntry]:
+    """The episodes M did not train on (same split as train-mdnrnn), else all of them."""
+    config_path = RunDir(run_dir).mdnrnn / "config.json"
+    cfg = load_config(TrainMDNRNNConfig, config_path) if config_path.exists() else None
+    _, val = split_by_episode(entries, cfg.val_fraction if cfg else 0.05)
+    return val or list(entries)
+
+
+def _pick_episode(cfg: DreamConfig, entries: list[ManifestEntry], held_out) -> ManifestEntry:
+    if cfg.episode < 0:
+        return held_out[0]
+    for entry in entries:
+        if entry.index == cfg.episode:
+            return entry
+    raise UserError(
+        f"no episode {cfg.episode} in the latents (have {entries[0].index}..{entries[-1].index})"
+    )
+
+
+def _brownian(seed: int):
+    walk = BrownianPolicy([seed])
+    return lambda features: torch.from_numpy(walk.act())
+
+
+def latent_error(
+    env: DreamEnv, folder: Path, entries: list[ManifestEntry], horizon: int, samples: int
+) -> dict[str, np.ndarray]:
+    """Per-step squared latent error of dreams with the real actions, all dreams in one batch."""
+    episodes = [load_latents(folder / e.file) for e in entries]
+    b, a_dim = len(episodes) * samples, episodes[0].actions.shape[1]
+    z0 = np.repeat(np.stack([ep.mu[0] for ep in episodes]), samples, axis=0)
+    actions = np.zeros((b, horizon, a_dim), np.float32)
+    real = np.zeros((b, horizon + 1, z0.shape[1]), np.float32)
+    valid = np.zeros((b, horizon + 1), bool)
+    for i, ep in enumerate(episodes):
+        n = min(ep.steps, horizon)
+        rows = slice(i * samples, (i + 1) * samples)
+        actions[rows, :n], real[rows, : n + 1], valid[rows, : n + 1] = (
+            ep.actions[:n],
+            ep.mu[: n + 1],
+            True,
+        )
+    dreamed = dream_rollout(env, z0, actions=actions).z.cpu().numpy()
+    count = valid.sum(axis=0).clip(min=1)
+    dream_err = (((dreamed - real) ** 2).mean(axis=2) * valid).sum(axis=0) / count
+    still_err = (((z0[:, None] - real) ** 2).mean(axis=2) * valid).sum(axis=0) / count
+    last = int(np.flatnonzero(valid.any(axis=0))[-1])
+    return {"dream": dream_err[: last + 1], "no_change": still_err[: last + 1]}
+
+
+def run(cfg: DreamConfig) -> Path:
+    """Write the real-vs-dream GIF and the latent-error plot; return the output folder."""
+    cfg.validate()
+    layout = RunDir(cfg.run_dir)
+    episodes = {e.index: e for e in open_episodes(layout.episodes)}
+    vae = load_vae(cfg.run_dir)
+    entries = open_latents(layout.latents)
+    model = load_mdnrnn(cfg.run_dir)
+    out = writable_dir(cfg.out if str(cfg.out) not in ("", ".") else layout.dream)
+    save_config(cfg, out / "config.json")
+    device = pick_device(cfg.device)
+    model, vae = model.to(device), vae.to(device)
+
+    held_out = _held_out(cfg.run_dir, entries)
+    entry = _pick_episode(cfg, entries, held_out)
+    if entry.index not in episodes:
+        raise UserError(f"episode {entry.index} has latents but no episode file: rerun encode")
+    real = load_episode(layout.episodes / episodes[entry.index].file)
+    latents = load_latents(layout.latents / entry.file)
+    steps = cfg.steps
+    if cfg.policy == "real" and real.steps < steps:
+        log(f"dream: episode {entry.index} has only {real.steps} steps: dreaming {real.steps}")
+        steps = real.steps
+
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    env = DreamEnv(model, cfg.temperature, generator, vae=vae)
+    if cfg.policy == "real":
+        traj = dream_rollout(env, latents.mu[:1], actions=latents.actions[:steps])
+    else:
+        traj = dream_rollout(env, latents.mu[:1], policy=_brownian(cfg.seed), steps=steps)
+    dreamed = env.decode(traj.z[0])
+    shown = real.obs[np.minimum(np.arange(steps + 1), real.steps)]  # hold the last real frame
+    frames = side_by_side(shown, dreamed, cfg.scale, cfg.temperature)
+    atomic_write_bytes(out / "dream.gif", gif_bytes(frames, cfg.fps))
+
+    chosen = held_out[: cfg.error_episodes]
+    curves = latent_error(env, layout.latents, chosen, cfg.steps, cfg.error_samples)
+    title = f"dream vs encoded real, {len(chosen)} held-out episodes × {cfg.error_samples}, τ={cfg.temperature:g}"
+    labels = {"dream": "dream (M, real actions)", "no_change": "no change (z_t = μ_0)"}
+    plot = plot_bytes({labels[k]: v for k, v in curves.items()}, title)
+    atomic_write_bytes(out / "latent_error.png", plot)
+    summary = {
+        "episode": entry.index,
+        "policy": cfg.policy,
+        "temperature": cfg.temperature,
+        "seed": cfg.seed,
+        "error_episodes": [e.index for e in chosen],
+        **{k: [round(float(x), 5) for x in v] for k, v in curves.items()},
+    }
+    atomic_write_text(out / "latent_error.json", json.dumps(summary) + "\n")
+    log(
+        f"dream: {out / 'dream.gif'} ({steps + 1} frames, episode {entry.index}, {cfg.policy} "
+        f"actions); latent error at t={len(curves['dream']) - 1}: dream "
+        f"{curves['dream'][-1]:.3f} vs no-change {curves['no_change'][-1]:.3f}"
+    )
+    return out

@@ -1,0 +1,236 @@
+"""`worldmodels encode`: every collected episode → its VAE posterior (μ, log σ²) per frame.
+
+One latents file per episode (`<run>/latents/episode_XXXXXX.npz`, same index as the episode),
+written atomically and listed in a manifest with its checksum, exactly like the episodes
+themselves: a rerun keeps the verified files and redoes only missing or damaged ones. Memory is
+bounded by one episode (plus one prefetched): frames go through the VAE `batch_size` at a time.
+
+We store (μ, log σ²) rather than a sampled z so that train-mdnrnn can draw a fresh z ~ N(μ, σ²)
+every epoch (the paper's trick against overfitting M to one fixed sample per frame).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from worldmodels.checkpoint import load_model, read_model_meta
+from worldmodels.config import option, save_config
+from worldmodels.data import Episode, iterate_episodes, open_episodes
+from worldmodels.data.dataset import prefetch
+from worldmodels.data.episodes import sha256_bytes
+from worldmodels.data.manifest import (
+    ManifestEntry,
+    append_manifest,
+    read_manifest,
+    rewrite_manifest,
+    validate_entries,
+)
+from worldmodels.errors import MissingStageError, UserError
+from worldmodels.io import atomic_write_bytes, atomic_write_text, remove_temp_files
+from worldmodels.layout import RunDir, writable_dir
+from worldmodels.models import ConvVAE, frames_to_tensor
+from worldmodels.progress import log, progress_bar
+from worldmodels.runtime import pick_device
+
+VAE_SOURCE = "vae.json"  # which VAE weights (sha256) the latents in a folder came from
+
+
+@dataclass
+class EncodeConfig:
+    run_dir: Path = option(Path("runs/default"), "run directory; latents go to <run-dir>/latents")
+    batch_size: int = option(1000, "frames per VAE forward pass")
+    device: str = option("auto", "torch device: auto (cuda if available), cpu or cuda")
+    force: bool = option(False, "re-encode every episode, even those already encoded")
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class LatentEpisode:
+    """One encoded episode: (T+1) posteriors for the T+1 frames, and the T transitions."""
+
+    mu: np.ndarray  # (T+1, Z) float32
+    logvar: np.ndarray  # (T+1, Z) float32
+    actions: np.ndarray  # (T, 3) float32
+    rewards: np.ndarray  # (T,) float32
+    terminated: bool
+    truncated: bool
+    seed: int
+
+    @property
+    def steps(self) -> int:
+        return len(self.actions)
+
+
+# --- the latents files ------------------------------------------------------------------------
+
+
+def write_latents(path: Path, ep: LatentEpisode) -> str:
+    """Write one latents file atomically (uncompressed: floats barely compress); return sha256."""
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        mu=ep.mu.astype(np.float32),
+        logvar=ep.logvar.astype(np.float32),
+        actions=ep.actions.astype(np.float32),
+        rewards=ep.rewards.astype(np.float32),
+        terminated=np.bool_(ep.terminated),
+        truncated=np.bool_(ep.truncated),
+        seed=np.int64(ep.seed),
+    )
+    data = buffer.getvalue()
+    atomic_write_bytes(path, data)
+    return sha256_bytes(data)
+
+
+def load_latents(path: Path) -> LatentEpisode:
+    """Load one latents file; a damaged one is a `UserError` that says how to repair it."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            ep = LatentEpisode(
+                mu=data["mu"],
+                logvar=data["logvar"],
+                actions=data["actions"],
+                rewards=data["rewards"],
+                terminated=bool(data["terminated"]),
+                truncated=bool(data["truncated"]),
+                seed=int(data["seed"]),
+            )
+    except Exception as err:
+        raise UserError(f"{path} is unreadable ({err}): rerun `worldmodels encode`") from None
+    if ep.mu.shape != ep.logvar.shape or len(ep.mu) != ep.steps + 1:
+        raise UserError(f"{path} has inconsistent shapes: rerun `worldmodels encode`")
+    return ep
+
+
+def open_latents(folder: Path) -> list[ManifestEntry]:
+    """The verified latents of a run; missing or damaged ones say to run `encode`."""
+    entries = read_manifest(folder)
+    if not entries:
+        raise MissingStageError(f"encoded latents in {folder}", "encode")
+    valid, problems = validate_entries(folder, entries)
+    if problems:
+        raise UserError(
+            f"{len(problems)} invalid latents file(s) in {folder} (first: {problems[0]}): "
+            "rerun `worldmodels encode` to redo them"
+        )
+    return valid
+
+
+def iterate_latents(
+    folder: Path, entries: Sequence[ManifestEntry], depth: int = 2
+) -> Iterator[LatentEpisode]:
+    """Latent episodes in the given order, loaded `depth` ahead on a background thread."""
+    return prefetch((load_latents(Path(folder) / e.file) for e in entries), depth=depth)
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+
+def load_vae(run_dir: Path) -> ConvVAE:
+    """The run's trained VAE (CPU, eval mode); says to run train-vae if it is missing."""
+
+    def build(z_dim: int, channels) -> ConvVAE:
+        return ConvVAE(z_dim=z_dim, channels=tuple(channels))  # JSON gives channels as a list
+
+    return load_model(RunDir(run_dir).vae, build, "train-vae").eval()
+
+
+@torch.inference_mode()
+def encode_frames(
+    vae: ConvVAE, frames: np.ndarray, batch_size: int, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 frames (N,64,64,3) → (μ, log σ²), each float32 (N, Z), `batch_size` frames a pass."""
+    mus, logvars = [], []
+    for start in range(0, len(frames), batch_size):
+        mu, logvar = vae.encode(frames_to_tensor(frames[start : start + batch_size], device))
+        mus.append(mu.float().cpu().numpy())
+        logvars.append(logvar.float().cpu().numpy())
+    return np.concatenate(mus), np.concatenate(logvars)
+
+
+def _sweep(folder: Path, episodes: dict[int, ManifestEntry], vae_sha: str) -> set[int]:
+    """Keep the latents that are verified, still match their episode and this VAE; delete the
+    rest. Returns the episode indices that are already done."""
+    for path in remove_temp_files(folder):
+        log(f"encode: removed unfinished temp file {path.name}")
+    source = folder / VAE_SOURCE
+    try:
+        same_vae = json.loads(source.read_text()).get("vae_sha256") == vae_sha
+    except (OSError, json.JSONDecodeError):
+        same_vae = False
+    entries = read_manifest(folder) if same_vae else []
+    if not same_vae and read_manifest(folder):
+        log("encode: the VAE changed since these latents were made: re-encoding everything")
+    valid, problems = validate_entries(folder, entries)
+    for problem in problems:
+        log(f"encode: invalid latents, will redo: {problem}")
+    valid = [e for e in valid if e.index in episodes and episodes[e.index].seed == e.seed]
+    keep = {e.file for e in valid}
+    for path in folder.glob("episode_*.npz"):
+        if path.name not in keep:
+            path.unlink()
+    rewrite_manifest(folder, valid)
+    atomic_write_text(source, json.dumps({"vae_sha256": vae_sha}) + "\n")
+    return {e.index for e in valid}
+
+
+def _encode_episode(vae, ep: Episode, cfg: EncodeConfig, device) -> LatentEpisode:
+    mu, logvar = encode_frames(vae, ep.obs, cfg.batch_size, device)
+    return LatentEpisode(
+        mu=mu,
+        logvar=logvar,
+        actions=ep.actions,
+        rewards=ep.rewards,
+        terminated=ep.terminated,
+        truncated=ep.truncated,
+        seed=ep.seed,
+    )
+
+
+def run(cfg: EncodeConfig) -> Path:
+    """Encode every valid episode that has no valid latents file yet; return the latents folder."""
+    cfg.validate()
+    layout = RunDir(cfg.run_dir)
+    episodes = open_episodes(layout.episodes)  # says "run collect first" when there are none
+    vae_sha = read_model_meta(layout.vae, "train-vae").get("sha256", "")
+    vae = load_vae(cfg.run_dir)
+    folder = writable_dir(layout.latents)
+    save_config(cfg, folder / "config.json")
+    if cfg.force:
+        rewrite_manifest(folder, [])
+    done = _sweep(folder, {e.index: e for e in episodes}, vae_sha)
+    todo = [e for e in episodes if e.index not in done]
+    if not todo:
+        log(f"encode: all {len(episodes)} episodes already encoded in {folder}, nothing to do")
+        return folder
+    log(f"encode: {len(done)} episodes already encoded, encoding {len(todo)}")
+
+    device = pick_device(cfg.device)
+    vae = vae.to(device)
+    frames = sum(e.steps + 1 for e in todo)
+    bar = progress_bar(frames, "encode", unit="img")
+    started = time.perf_counter()
+    try:
+        for entry, ep in zip(todo, iterate_episodes(layout.episodes, todo)):
+            digest = write_latents(folder / entry.file, _encode_episode(vae, ep, cfg, device))
+            append_manifest(folder, dataclasses.replace(entry, sha256=digest))
+            bar.update(ep.steps + 1)
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - started
+    log(
+        f"encode: {len(todo)} episodes, {frames} frames in {elapsed:.1f}s ({frames / elapsed:.0f} img/s)"
+    )
+    return folder

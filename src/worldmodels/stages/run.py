@@ -1,0 +1,221 @@
+"""`worldmodels run`: the whole pipeline in one resumable command, then the report.
+
+collect → train-vae → visualize-vae → encode → train-mdnrnn → dream → train-controller →
+evaluate → report. Each stage resumes from its own checkpoints; `run.json` records the stages
+that finished (with the config they ran with), so a rerun after a kill skips them outright.
+Any stage setting can be overridden: `--vae.epochs 3`, `--controller.population 32`, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worldmodels.config import (
+    add_config_arguments,
+    config_from_args,
+    option,
+    save_config,
+    to_jsonable,
+)
+from worldmodels.errors import UserError
+from worldmodels.io import atomic_write_text
+from worldmodels.layout import writable_dir
+from worldmodels.progress import log
+
+
+@dataclass
+class RunConfig:
+    preset: str = option(
+        "quick",
+        "settings for every stage: smoke (~2 min), quick (≤60 min on 2 CPU cores), full (paper scale, GPU/cluster)",
+        ("smoke", "quick", "full"),
+    )
+    run_dir: Path = option(Path(""), "run directory (default: runs/<preset>)")
+    force: bool = option(False, "redo every stage from scratch")
+
+
+@dataclass(frozen=True)
+class Stage:
+    key: str  # flag prefix and run.json key
+    command: str
+    config: type
+    run: Callable[[Any], Any]
+
+
+def stages() -> list[Stage]:
+    from worldmodels import report
+    from worldmodels.stages import (
+        collect,
+        dream,
+        encode,
+        evaluate,
+        train_controller,
+        train_mdnrnn,
+        train_vae,
+        visualize_vae,
+    )
+
+    return [
+        Stage("collect", "collect", collect.CollectConfig, collect.run),
+        Stage("vae", "train-vae", train_vae.TrainVAEConfig, train_vae.run),
+        Stage("visualize", "visualize-vae", visualize_vae.VisualizeVAEConfig, visualize_vae.run),
+        Stage("encode", "encode", encode.EncodeConfig, encode.run),
+        Stage("mdnrnn", "train-mdnrnn", train_mdnrnn.TrainMDNRNNConfig, train_mdnrnn.run),
+        Stage("dream", "dream", dream.DreamConfig, dream.run),
+        Stage(
+            "controller",
+            "train-controller",
+            train_controller.TrainControllerConfig,
+            train_controller.run,
+        ),
+        Stage("evaluate", "evaluate", evaluate.EvaluateConfig, evaluate.run),
+        Stage("report", "report", report.ReportConfig, report.run),
+    ]
+
+
+# Each preset: per-stage settings over the stage defaults, and the minutes each stage is expected
+# to take on a 2-core CPU (for the "time left" estimate; measured, see README).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "smoke": {
+        "collect": {"episodes": 6, "max_steps": 60, "envs": 6},
+        "vae": {
+            "epochs": 1,
+            "channels": (8, 16, 16, 32),
+            "batch_size": 32,
+            "precision": "fp32",
+            "channels_last": "off",
+        },
+        "visualize": {},
+        "encode": {},
+        "mdnrnn": {"epochs": 2, "hidden": 32, "batch_size": 4},
+        "dream": {"steps": 20, "error_episodes": 1, "error_samples": 2},
+        "controller": {
+            "generations": 2,
+            "population": 4,
+            "rollouts": 1,
+            "max_steps": 60,
+            "check_every": 0,
+        },
+        "evaluate": {"episodes": 2, "max_steps": 60, "gif": 1},
+        "report": {},
+    },
+    "quick": {
+        "collect": {"episodes": 200, "max_steps": 1000},
+        "vae": {"epochs": 3},
+        "visualize": {},
+        "encode": {},
+        "mdnrnn": {"epochs": 20},
+        "dream": {},
+        "controller": {"generations": 1000, "population": 16, "rollouts": 2, "time_budget_min": 25},
+        "evaluate": {"episodes": 100},
+        "report": {},
+    },
+    "full": {
+        "collect": {"episodes": 10_000, "max_steps": 1000, "policy": "random"},
+        "vae": {"epochs": 10},
+        "visualize": {},
+        "encode": {},
+        "mdnrnn": {"epochs": 20},
+        "dream": {},
+        "controller": {"generations": 300, "population": 64, "rollouts": 16},
+        "evaluate": {"episodes": 100},
+        "report": {},
+    },
+}
+EXPECTED_MIN: dict[str, dict[str, float]] = {
+    "smoke": {},
+    "quick": {
+        "collect": 2.5,
+        "vae": 8,
+        "visualize": 0.2,
+        "encode": 1,
+        "mdnrnn": 3,
+        "dream": 0.5,
+        "controller": 25,
+        "evaluate": 10,
+        "report": 0.2,
+    },
+    "full": {},
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, RunConfig)
+    for stage in stages():
+        add_config_arguments(parser, stage.config, prefix=f"{stage.key}.", skip=("run_dir",))
+
+
+def stage_config(stage: Stage, cfg: RunConfig, args: argparse.Namespace | None) -> Any:
+    preset = {k: v for k, v in PRESETS[cfg.preset][stage.key].items()}
+    fields = {f.name for f in dataclasses.fields(stage.config)}
+    if "force" in fields and cfg.force:
+        preset["force"] = True
+    base = dataclasses.replace(stage.config(), run_dir=cfg.run_dir, **preset)
+    return config_from_args(stage.config, args, prefix=f"{stage.key}.", base=base) if args else base
+
+
+def _load_record(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def run_pipeline(cfg: RunConfig, args: argparse.Namespace | None = None) -> Path:
+    if cfg.preset not in PRESETS:
+        raise UserError(f"unknown preset {cfg.preset!r}: choose one of {', '.join(PRESETS)}")
+    if str(cfg.run_dir) in ("", "."):
+        cfg = dataclasses.replace(cfg, run_dir=Path("runs") / cfg.preset)
+    root = writable_dir(cfg.run_dir)
+    record_path = root / "run.json"
+    record = {} if cfg.force else _load_record(record_path)
+    if record.get("preset") not in (None, cfg.preset):
+        raise UserError(
+            f"{root} holds a {record['preset']!r} run: use --preset {record['preset']} or another --run-dir"
+        )
+    record.update({"preset": cfg.preset, "stages": record.get("stages", {})})
+    save_config(cfg, root / "run_config.json")
+
+    plan = [(stage, stage_config(stage, cfg, args)) for stage in stages()]
+    atomic_write_text(
+        root / "resolved_config.json",
+        json.dumps({s.key: to_jsonable(c) for s, c in plan}, indent=2) + "\n",
+    )
+    expected = EXPECTED_MIN.get(cfg.preset, {})
+    started = time.perf_counter()
+    for k, (stage, stage_cfg) in enumerate(plan, 1):
+        settings = to_jsonable(stage_cfg)
+        settings.pop("force", None)
+        done = record["stages"].get(stage.key, {})
+        elapsed = time.perf_counter() - started
+        left = sum(expected.get(s.key, 0) for s, _ in plan[k - 1 :])
+        eta = f", about {left:.0f} min left" if left else ""
+        if done.get("done") and done.get("config") == settings and stage.key != "report":
+            log(f"[{k}/{len(plan)}] {stage.command}: already done, skipped")
+            continue
+        log(f"[{k}/{len(plan)}] {stage.command} (elapsed {_clock(elapsed)}{eta})")
+        stage_started = time.perf_counter()
+        stage.run(stage_cfg)
+        wall = time.perf_counter() - stage_started
+        record["stages"][stage.key] = {"done": True, "config": settings, "wall_s": round(wall, 1)}
+        atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+    from worldmodels import report
+
+    report.run(report.ReportConfig(run_dir=root))  # again, now that every timing is recorded
+    log(f"run: finished in {_clock(time.perf_counter() - started)}; report at {root / 'report.md'}")
+    return root
+
+
+def run_from_args(args: argparse.Namespace) -> Path:
+    return run_pipeline(config_from_args(RunConfig, args), args)

@@ -1,0 +1,233 @@
+"""`worldmodels train-controller`: CMA-ES over the linear controller, population in one env pool.
+
+Each generation evaluates the whole population at once: pop × rollouts env slots, slot i driven
+by its own candidate, so V and M run once per step for everyone. Every candidate sees the same
+tracks (common random seeds, fresh each generation), so candidates are compared fairly. The
+agent we keep is the CMA-ES *mean*: a best single candidate, ranked on a couple of noisy tracks,
+scored far worse in calibration.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from worldmodels.agent import Agent
+from worldmodels.checkpoint import save_model
+from worldmodels.config import load_config, option, save_config
+from worldmodels.envs import BACKENDS, MAX_EPISODE_STEPS, default_workers, make_env
+from worldmodels.errors import MissingStageError, UserError
+from worldmodels.io import atomic_write_bytes
+from worldmodels.layout import RunDir, writable_dir
+from worldmodels.metrics import MetricsLog
+from worldmodels.models import LinearController, controller_param_count
+from worldmodels.progress import log, progress_bar
+from worldmodels.rollout import run_episodes
+
+ES_STATE = "es_state.pkl"
+TRAIN_SEED_BASE = 100_000  # tracks for training: far from collection (0…) and evaluation (1e6…)
+CHECK_SEED_BASE = 500_000  # fixed held-out tracks for the periodic check of the mean
+
+
+@dataclass
+class TrainControllerConfig:
+    run_dir: Path = option(
+        Path("runs/default"), "run directory with trained V (vae/) and M (mdnrnn/)"
+    )
+    generations: int = option(40, "CMA-ES generations")
+    population: int = option(16, "candidates per generation")
+    rollouts: int = option(2, "episodes per candidate per generation (same tracks for all)")
+    sigma0: float = option(0.1, "initial CMA-ES step size")
+    h_sigma_scale: float = option(0.1, "initial std of the weights on h relative to those on z")
+    max_steps: int = option(MAX_EPISODE_STEPS, "step limit of training episodes")
+    early_stop: int = option(100, "stop an episode after this many steps without reward (0 = off)")
+    env: str = option("envpool", "env backend for training episodes", BACKENDS)
+    workers: int = option(0, "envpool threads or gymnasium processes (0 = one per core)")
+    z_only: bool = option(False, "controller sees z only, not the memory h (the paper's ablation)")
+    seed: int = option(0, "CMA-ES seed; training tracks are 100000 + generation*rollouts + r")
+    check_every: int = option(
+        5, "evaluate the CMA-ES mean on fixed held-out tracks every N generations (0 = never)"
+    )
+    check_episodes: int = option(8, "episodes of that periodic check")
+    time_budget_min: float = option(0.0, "stop after this many minutes of training (0 = no limit)")
+    device: str = option("cpu", "torch device for V and M")
+    force: bool = option(False, "start over, discarding the saved optimizer state")
+
+    def validate(self) -> None:
+        if self.population < 2 or self.rollouts < 1 or self.generations < 0:
+            raise UserError("need --population >= 2, --rollouts >= 1, --generations >= 0")
+        if not 1 <= self.max_steps <= MAX_EPISODE_STEPS:
+            raise UserError(f"--max-steps must be in 1..{MAX_EPISODE_STEPS}")
+        if self.sigma0 <= 0:
+            raise UserError("--sigma0 must be > 0")
+
+
+def load_world_model(run_dir: Path, device: str = "cpu", z_only: bool = False) -> Agent:
+    """V + M of a run, ready to act; says which stage to run if one is missing."""
+    from worldmodels.stages.collect import CollectConfig
+    from worldmodels.stages.train_mdnrnn import load_mdnrnn
+    from worldmodels.stages.train_vae import load_vae
+
+    layout = RunDir(run_dir)
+    vae = load_vae(run_dir)
+    mdnrnn = load_mdnrnn(run_dir)
+    data_config = layout.data / "config.json"
+    crop = load_config(CollectConfig, data_config).crop if data_config.exists() else True
+    return Agent(vae, mdnrnn, crop=crop, z_only=z_only, device=device)
+
+
+def initial_stds(agent: Agent, h_sigma_scale: float) -> np.ndarray:
+    """Per-parameter initial std: 1 for z-weights and biases, `h_sigma_scale` for h-weights.
+
+    h has 256 dims against z's 32; with one σ for all 867 weights the h-term swamps the z-term
+    and training stalled below 60 in calibration.
+    """
+    n = controller_param_count(agent.input_dim)
+    stds = np.ones(n)
+    if not agent.z_only:
+        z_dim = agent.vae.z_dim
+        for row in range(3):
+            start = row * agent.input_dim
+            stds[start + z_dim : start + agent.input_dim] = h_sigma_scale
+    return stds
+
+
+def evaluate_candidates(
+    env, agent: Agent, candidates: np.ndarray, seeds: list[int], early_stop: int
+) -> tuple[np.ndarray, int]:
+    """Mean return per candidate over the same `seeds`; also the env steps simulated."""
+    count, repeats = len(candidates), len(seeds)
+    params = torch.as_tensor(np.repeat(candidates, repeats, axis=0), dtype=torch.float32)
+    result = run_episodes(env, agent, params, seeds * count, early_stop=early_stop)
+    return result.returns.reshape(count, repeats).mean(axis=1), result.env_steps
+
+
+def _save_state(folder: Path, state: dict) -> None:
+    atomic_write_bytes(folder / ES_STATE, pickle.dumps(state))
+
+
+def _load_state(folder: Path) -> dict | None:
+    path = folder / ES_STATE
+    if not path.exists():
+        return None
+    try:
+        return pickle.loads(path.read_bytes())
+    except Exception as err:
+        raise UserError(
+            f"{path} is corrupt ({type(err).__name__}): rerun `worldmodels train-controller --force`"
+        ) from None
+
+
+def save_controller(folder: Path, vector: np.ndarray, agent: Agent, extra: dict) -> None:
+    controller = LinearController.from_flat(torch.as_tensor(vector, dtype=torch.float32))
+    arch = {"input_dim": agent.input_dim, "action_dim": 3}
+    save_model(folder, controller, arch, {"z_only": agent.z_only, **extra})
+
+
+def _new_state(cfg: TrainControllerConfig, agent: Agent) -> dict:
+    import cma
+
+    stds = initial_stds(agent, cfg.h_sigma_scale)
+    options = {"popsize": cfg.population, "seed": cfg.seed + 1, "CMA_stds": stds, "verbose": -9}
+    es = cma.CMAEvolutionStrategy(np.zeros(len(stds)), cfg.sigma0, options)
+    return {"es": es, "generation": 0, "elapsed": 0.0, "best": (-np.inf, None), "np_random": None}
+
+
+def _check_mean(agent: Agent, mean: np.ndarray, cfg: TrainControllerConfig) -> tuple[float, float]:
+    seeds = [CHECK_SEED_BASE + i for i in range(cfg.check_episodes)]
+    with make_env(cfg.env, len(seeds), cfg.max_steps, default_workers(cfg.workers)) as env:
+        params = torch.as_tensor(np.tile(mean, (len(seeds), 1)), dtype=torch.float32)
+        returns = run_episodes(env, agent, params, seeds).returns
+    return float(returns.mean()), float(returns.std())
+
+
+def run(cfg: TrainControllerConfig) -> Path:
+    cfg.validate()
+    layout = RunDir(cfg.run_dir)
+    folder = writable_dir(layout.controller)
+    torch.set_num_threads(1)  # envpool's threads need the cores; V at batch 32 is cheap
+    agent = load_world_model(cfg.run_dir, cfg.device, cfg.z_only)
+
+    state = None if cfg.force else _load_state(folder)
+    if state is None:
+        state = _new_state(cfg, agent)
+    else:
+        np.random.set_state(state["np_random"])  # pycma samples from numpy's global RNG
+    if state["generation"] >= cfg.generations:
+        log(f"train-controller: {state['generation']} generations already done in {folder}")
+        return folder
+    if state["generation"]:
+        log(f"train-controller: resuming after generation {state['generation']}")
+    save_config(cfg, folder / "config.json")
+    metrics = MetricsLog(folder, resume_after=state["generation"] or None, key="generation")
+
+    es = state["es"]
+    env = make_env(
+        cfg.env, cfg.population * cfg.rollouts, cfg.max_steps, default_workers(cfg.workers)
+    )
+    bar = progress_bar(cfg.generations, "train-controller", unit="gen", initial=state["generation"])
+    try:
+        while state["generation"] < cfg.generations:
+            if cfg.time_budget_min and state["elapsed"] >= cfg.time_budget_min * 60:
+                log(f"train-controller: time budget of {cfg.time_budget_min} min reached")
+                break
+            gen = state["generation"] + 1
+            started = time.perf_counter()
+            candidates = np.asarray(es.ask())
+            seeds = [TRAIN_SEED_BASE + gen * cfg.rollouts + r for r in range(cfg.rollouts)]
+            fitness, env_steps = evaluate_candidates(env, agent, candidates, seeds, cfg.early_stop)
+            es.tell(list(candidates), (-fitness).tolist())
+            wall = time.perf_counter() - started
+
+            if fitness.max() > state["best"][0]:
+                state["best"] = (float(fitness.max()), candidates[fitness.argmax()].copy())
+            row = {
+                "generation": gen,
+                "best": float(fitness.max()),
+                "mean": float(fitness.mean()),
+                "worst": float(fitness.min()),
+                "sigma": float(es.sigma),
+                "steps_per_s": env_steps / wall,
+                "seconds": wall,
+            }
+            mean = np.asarray(es.mean)
+            if cfg.check_every and (gen % cfg.check_every == 0 or gen == cfg.generations):
+                row["check_mean"], row["check_std"] = _check_mean(agent, mean, cfg)
+            state["elapsed"] += time.perf_counter() - started
+            state["generation"] = gen
+            state["np_random"] = np.random.get_state()
+
+            save_controller(folder, mean, agent, {"generation": gen})
+            save_controller(
+                folder / "best",
+                state["best"][1],
+                agent,
+                {"generation": gen, "fitness": state["best"][0]},
+            )
+            _save_state(folder, state)
+            metrics.write(row, gen)
+            bar.update(1)
+            bar.set_postfix(
+                best=f"{row['best']:.0f}",
+                mean=f"{row['mean']:.0f}",
+                sps=f"{row['steps_per_s']:.0f}",
+            )
+    finally:
+        env.close()
+        bar.close()
+        metrics.close()
+    return folder
+
+
+def require_controller(run_dir: Path, which: str = "mean") -> Path:
+    folder = RunDir(run_dir).controller / ("best" if which == "best" else "")
+    if not (folder / "model.json").exists():
+        raise MissingStageError(
+            f"trained controller in {RunDir(run_dir).controller}", "train-controller"
+        )
+    return folder

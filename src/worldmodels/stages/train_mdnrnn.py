@@ -1,0 +1,397 @@
+"""`worldmodels train-mdnrnn`: fit M, the MDN-RNN, to the encoded episodes.
+
+What one epoch does:
+  * draws a fresh z ~ N(μ, σ²) for every frame (the paper's trick: M never sees the same latent
+    twice, so it cannot overfit to one sample per frame);
+  * takes the training episodes `batch_size` at a time (one episode per batch row) and walks
+    through them in chunks of `seq_len` steps: truncated BPTT, with the LSTM state carried
+    (detached) from one chunk to the next so M still learns from everything before the chunk;
+  * masks the padding after the shorter episodes of a batch end.
+
+The "done" target is 1 only at the last step of an episode that *terminated* (the car left the
+playfield or finished the lap); an episode cut at the step limit did not end in the world, so
+its last step is 0.
+
+Validation runs the same way on held-out episodes (split by episode seed), with fixed noise so
+epochs compare, and reports:
+  nll        mean negative log-likelihood of z_{t+1} per latent dimension (nats);
+  nll_sum    the same summed over the Z latent dimensions (the NLL of the whole vector);
+  reward_mse, done_bce.
+Randomness depends only on (seed, epoch), so a resumed run is identical to an uninterrupted one.
+
+Memory: episodes stream from disk one batch at a time (plus one prefetched batch), so RAM holds
+about 2 × batch_size × T × (2Z + 5) floats (≈ 35 MB for 64 episodes of 1000 steps), whatever
+the number of episodes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from worldmodels.checkpoint import (
+    MODEL_META,
+    MODEL_WEIGHTS,
+    TrainingCheckpoint,
+    load_model,
+    read_model_meta,
+    save_model,
+)
+from worldmodels.config import load_config, option, save_config
+from worldmodels.data import split_by_episode
+from worldmodels.data.dataset import prefetch
+from worldmodels.data.manifest import ManifestEntry
+from worldmodels.errors import UserError
+from worldmodels.layout import RunDir, writable_dir
+from worldmodels.metrics import MetricsLog
+from worldmodels.models import MDNRNN, mdnrnn_loss
+from worldmodels.progress import log, progress_bar
+from worldmodels.runtime import pick_device, seed_everything
+from worldmodels.stages.encode import VAE_SOURCE, LatentEpisode, load_latents, open_latents
+
+COMMAND = "train-mdnrnn"
+VAL_NOISE_KEY = 999_999  # validation noise is drawn from rng([seed, VAL_NOISE_KEY]) every epoch
+LOSS_KEYS = ("loss", "nll", "nll_sum", "reward_mse", "done_bce")
+
+
+@dataclass
+class TrainMDNRNNConfig:
+    run_dir: Path = option(Path("runs/default"), "run directory; M goes to <run-dir>/mdnrnn")
+    epochs: int = option(20, "passes over the training episodes (a rerun with more continues)")
+    batch_size: int = option(64, "episodes per batch (one per row, walked chunk by chunk)")
+    seq_len: int = option(32, "steps per chunk of truncated backpropagation through time")
+    lr: float = option(1e-3, "Adam learning rate")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0 = off)")
+    hidden: int = option(256, "LSTM hidden units")
+    n_gaussians: int = option(5, "mixture components per latent dimension")
+    reward_weight: float = option(1.0, "weight of the reward MSE in the loss")
+    done_weight: float = option(1.0, "weight of the done BCE in the loss")
+    val_fraction: float = option(0.05, "fraction of episodes held out (by episode seed)")
+    seed: int = option(0, "seed of the weights, the episode order and the z samples")
+    device: str = option("auto", "torch device: auto (cuda if available), cpu or cuda")
+    force: bool = option(False, "start over, discarding the checkpoint and the trained model")
+
+    def validate(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.seq_len < 1:
+            raise UserError("need --epochs >= 0, --batch-size >= 1 and --seq-len >= 1")
+        if self.hidden < 1 or self.n_gaussians < 1:
+            raise UserError("need --hidden >= 1 and --n-gaussians >= 1")
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
+
+
+# Settings that define the model being trained; changing them needs --force (or a new run dir).
+_IDENTITY = ("hidden", "n_gaussians", "seed", "val_fraction")
+
+
+def load_mdnrnn(run_dir: Path) -> MDNRNN:
+    """The run's trained M (CPU, eval mode); says to run train-mdnrnn if it is missing."""
+    return load_model(RunDir(run_dir).mdnrnn, MDNRNN, COMMAND).eval()
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+@dataclass
+class EpisodeBatch:
+    """B episodes padded to the longest: inputs at t, targets for t+1, mask of real steps."""
+
+    z: torch.Tensor  # (B, T+1, Z) sampled latents
+    actions: torch.Tensor  # (B, T, A)
+    rewards: torch.Tensor  # (B, T)
+    done: torch.Tensor  # (B, T) 1 at the last step of a terminated episode
+    mask: torch.Tensor  # (B, T) True where the step exists
+
+    @property
+    def steps(self) -> int:
+        return self.actions.shape[1]
+
+
+def done_targets(ep: LatentEpisode) -> np.ndarray:
+    """1 at the last step only if the episode terminated; truncation is not an episode end."""
+    done = np.zeros(ep.steps, np.float32)
+    done[-1] = float(ep.terminated)
+    return done
+
+
+def make_batch(episodes: Sequence[LatentEpisode], rng: np.random.Generator) -> EpisodeBatch:
+    """Sample z ~ N(μ, σ²) per frame and pad the episodes into one batch."""
+    b, t = len(episodes), max(ep.steps for ep in episodes)
+    z_dim, a_dim = episodes[0].mu.shape[1], episodes[0].actions.shape[1]
+    z = np.zeros((b, t + 1, z_dim), np.float32)
+    actions = np.zeros((b, t, a_dim), np.float32)
+    rewards = np.zeros((b, t), np.float32)
+    done = np.zeros((b, t), np.float32)
+    mask = np.zeros((b, t), bool)
+    for i, ep in enumerate(episodes):
+        n = ep.steps
+        noise = rng.standard_normal(ep.mu.shape, dtype=np.float32)
+        z[i, : n + 1] = ep.mu + np.exp(0.5 * ep.logvar) * noise
+        actions[i, :n], rewards[i, :n], done[i, :n] = ep.actions, ep.rewards, done_targets(ep)
+        mask[i, :n] = True
+    tensors = (torch.from_numpy(x) for x in (z, actions, rewards, done, mask))
+    return EpisodeBatch(*tensors)
+
+
+def iterate_batches(
+    folder: Path,
+    entries: Sequence[ManifestEntry],
+    batch_size: int,
+    rng: np.random.Generator,
+    shuffle: bool,
+) -> Iterator[EpisodeBatch]:
+    """Batches of episodes streamed from disk, the next one loaded in the background."""
+    order = rng.permutation(len(entries)) if shuffle else np.arange(len(entries))
+
+    def produce() -> Iterator[EpisodeBatch]:
+        for start in range(0, len(order), batch_size):
+            group = [entries[i] for i in order[start : start + batch_size]]
+            yield make_batch([load_latents(Path(folder) / e.file) for e in group], rng)
+
+    return prefetch(produce(), depth=1)
+
+
+def chunks(batch: EpisodeBatch, seq_len: int, device) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Consecutive (z_t, a_t, z_{t+1}, r_t, done_t, mask_t) windows of `seq_len` steps."""
+    for s in range(0, batch.steps, seq_len):
+        e = min(s + seq_len, batch.steps)
+        yield tuple(
+            x.to(device, non_blocking=True)
+            for x in (
+                batch.z[:, s:e],
+                batch.actions[:, s:e],
+                batch.z[:, s + 1 : e + 1],
+                batch.rewards[:, s:e],
+                batch.done[:, s:e],
+                batch.mask[:, s:e],
+            )
+        )
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+class Averages:
+    """Running means of the loss terms, weighted by the number of real (unmasked) steps.
+
+    Sums stay tensors on the training device, so a GPU is not synchronised every chunk.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor | float] = dict.fromkeys(LOSS_KEYS, 0.0)
+        self.count: torch.Tensor | float = 0.0
+
+    def add(self, losses: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
+        weight = mask.sum()
+        for key in LOSS_KEYS:
+            self.sums[key] = self.sums[key] + losses[key].detach() * weight
+        self.count = self.count + weight
+
+    def means(self, prefix: str) -> dict[str, float]:
+        count = max(float(self.count), 1e-8)
+        return {f"{prefix}{k}": float(v) / count for k, v in self.sums.items()}
+
+
+def _detach(state):
+    return tuple(s.detach() for s in state)
+
+
+def train_batch(
+    model: MDNRNN,
+    optimizer: torch.optim.Optimizer,
+    batch: EpisodeBatch,
+    cfg: TrainMDNRNNConfig,
+    device,
+    averages: Averages,
+) -> int:
+    """Truncated BPTT through one batch of episodes; returns the number of chunks trained."""
+    model.train()
+    state, n = None, 0
+    for z, a, z_next, r, d, mask in chunks(batch, cfg.seq_len, device):
+        out, state = model(z, a, state)
+        losses = mdnrnn_loss(out, z_next, r, d, mask, cfg.reward_weight, cfg.done_weight)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        state = _detach(state)
+        averages.add(losses, mask)
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def evaluate(
+    model: MDNRNN, folder: Path, entries: Sequence[ManifestEntry], cfg: TrainMDNRNNConfig, device
+) -> dict[str, float]:
+    """Held-out figures (prefixed `val_`), with the same fixed noise every epoch."""
+    model.eval()
+    averages = Averages()
+    rng = np.random.default_rng([cfg.seed, VAL_NOISE_KEY])
+    for batch in iterate_batches(folder, entries, cfg.batch_size, rng, shuffle=False):
+        state = None
+        for z, a, z_next, r, d, mask in chunks(batch, cfg.seq_len, device):
+            out, state = model(z, a, state)
+            losses = mdnrnn_loss(out, z_next, r, d, mask, cfg.reward_weight, cfg.done_weight)
+            averages.add(losses, mask)
+    return averages.means("val_")
+
+
+def train_epoch(
+    model: MDNRNN,
+    optimizer: torch.optim.Optimizer,
+    folder: Path,
+    entries: Sequence[ManifestEntry],
+    cfg: TrainMDNRNNConfig,
+    epoch: int,
+    device,
+) -> dict[str, float]:
+    """One pass over the training episodes; returns `train_*` figures and sequences/s."""
+    rng = np.random.default_rng([cfg.seed, epoch])
+    averages, sequences = Averages(), 0
+    started = time.perf_counter()
+    bar = progress_bar(len(entries), f"train-mdnrnn epoch {epoch}/{cfg.epochs}", unit="ep")
+    try:
+        for batch in iterate_batches(folder, entries, cfg.batch_size, rng, shuffle=True):
+            trained = train_batch(model, optimizer, batch, cfg, device, averages)
+            sequences += trained * len(batch.mask)  # chunks × episodes in the batch
+            bar.update(len(batch.mask))
+            rate = sequences / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{averages.means('')['loss']:.3f}", seq_s=f"{rate:.0f}")
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+    return {**averages.means("train_"), "seq_per_s": sequences / seconds, "epoch_s": seconds}
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+
+def _start_over(folder: Path) -> None:
+    shutil.rmtree(folder / "ckpt", ignore_errors=True)
+    for name in (MODEL_WEIGHTS, MODEL_META, "metrics.jsonl"):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _check_same_model(cfg: TrainMDNRNNConfig, config_path: Path) -> None:
+    if not config_path.exists():
+        return
+    old = load_config(TrainMDNRNNConfig, config_path)
+    for name in _IDENTITY:
+        if getattr(old, name) != getattr(cfg, name):
+            raise UserError(
+                f"{config_path.parent} holds an M trained with {name}={getattr(old, name)}, "
+                f"not {getattr(cfg, name)}: use the same setting, --force or a new --run-dir"
+            )
+
+
+def _latents_source(latents: Path) -> str:
+    """The sha256 of the VAE the latents came from (written by encode)."""
+    try:
+        return json.loads((latents / VAE_SOURCE).read_text()).get("vae_sha256", "")
+    except (OSError, json.JSONDecodeError):
+        return ""
+
+
+def _stale(what: str) -> UserError:
+    return UserError(
+        f"the latents were re-encoded with another VAE since {what} was made: "
+        "rerun `worldmodels train-mdnrnn --force`"
+    )
+
+
+def _trained_epochs(folder: Path, source: str) -> int:
+    """Epochs of the finished M in `folder` (-1 if none); an M of older latents is an error."""
+    if not (folder / MODEL_META).exists():
+        return -1
+    meta = read_model_meta(folder, COMMAND)
+    if meta.get("latents_vae_sha256", source) != source:
+        raise _stale("the trained M")
+    return int(meta.get("epochs", -1))
+
+
+def _summary(row: dict) -> str:
+    text = f"train loss {row['train_loss']:.3f}"
+    if "val_nll" in row:
+        text += (
+            f" · val nll {row['val_nll']:.3f}/dim ({row['val_nll_sum']:.2f} summed over z)"
+            f" · reward mse {row['val_reward_mse']:.4f} · done bce {row['val_done_bce']:.4f}"
+        )
+    return text + f" · {row['seq_per_s']:.0f} seq/s"
+
+
+def run(cfg: TrainMDNRNNConfig) -> Path:
+    """Train (or resume, or skip if done) M; returns the mdnrnn folder."""
+    cfg.validate()
+    layout = RunDir(cfg.run_dir)
+    entries = open_latents(layout.latents)  # says "run encode first" when there are none
+    source = _latents_source(layout.latents)
+    folder = writable_dir(layout.mdnrnn)
+    config_path = folder / "config.json"
+    if cfg.force:
+        _start_over(folder)
+    else:
+        _check_same_model(cfg, config_path)
+        if _trained_epochs(folder, source) >= cfg.epochs:
+            log(f"train-mdnrnn: {folder} already holds M trained for {cfg.epochs} epochs")
+            return folder
+    save_config(cfg, config_path)
+
+    train, val = split_by_episode(entries, cfg.val_fraction)
+    first = load_latents(layout.latents / entries[0].file)
+    arch = {
+        "z_dim": int(first.mu.shape[1]),
+        "action_dim": int(first.actions.shape[1]),
+        "hidden": cfg.hidden,
+        "n_gaussians": cfg.n_gaussians,
+    }
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    model = MDNRNN(**arch).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    ckpt = TrainingCheckpoint(folder / "ckpt", COMMAND)
+    restored = ckpt.load(model, optimizer)
+    if restored and restored.get("latents_vae_sha256", source) != source:
+        raise _stale("the checkpoint")
+    done_epochs = restored["epoch"] if restored else 0
+    metrics = MetricsLog(folder, resume_after=done_epochs if restored else None)
+    log(
+        f"train-mdnrnn: {len(train)} training / {len(val)} held-out episodes, "
+        + (f"resuming after epoch {done_epochs}" if restored else "starting from scratch")
+    )
+    if not restored and val:  # the untrained model's figures, the baseline every epoch beats
+        metrics.write({"epoch": 0, **evaluate(model, layout.latents, val, cfg, device)}, step=0)
+
+    try:
+        for epoch in range(done_epochs + 1, cfg.epochs + 1):
+            row = {"epoch": epoch}
+            row.update(train_epoch(model, optimizer, layout.latents, train, cfg, epoch, device))
+            if val:
+                row.update(evaluate(model, layout.latents, val, cfg, device))
+            # metrics first, checkpoint second: a kill in between redoes the epoch, and the
+            # resumed MetricsLog drops its row, so the log never holds an epoch twice.
+            metrics.write(row, step=epoch)
+            ckpt.save(epoch, model, optimizer, {"latents_vae_sha256": source})
+            log(f"train-mdnrnn: epoch {epoch}/{cfg.epochs}: {_summary(row)}")
+    finally:
+        metrics.close()
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError("M's weights went non-finite: lower --lr or --grad-clip and use --force")
+    final_epoch = max(done_epochs, cfg.epochs)
+    save_model(
+        folder,
+        model.cpu(),
+        arch,
+        extra={"epochs": final_epoch, "seed": cfg.seed, "latents_vae_sha256": source},
+    )
+    return folder

@@ -1,0 +1,507 @@
+"""`worldmodels train-vae`: fit V, the conv VAE, on the collected frames.
+
+Frames stream from the episode files (bounded memory, shuffled across episodes); whole episodes
+are held out for validation. Every epoch writes a checkpoint (model + optimizer + the best
+weights so far), so a rerun after a kill resumes at the last finished epoch and never starts
+over; the final model is the epoch with the lowest validation SSE.
+
+Speed options (precision, memory layout, compilation) change how fast a step runs, never what
+it computes, so "auto" decides them by measurement on the machine it runs on:
+
+* Candidates: fp32 and fp32 + channels_last always; bf16 autocast (± channels_last) only where
+  the hardware does bf16 natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX). On CPUs
+  without it bf16 autocast was measured 10-25x slower, so it is not worth even trying.
+* A startup micro-benchmark runs a few real training steps of every candidate on the same
+  batch from the same initial weights, interleaved so a busy neighbour slows them all alike,
+  and keeps the median step time (about 3 s for the full-size net on 2 CPU cores).
+* A candidate "keeps the loss" if its loss after those steps is within 2% of fp32's; the
+  fastest such candidate wins, but only if it beats plain fp32 by more than 5% (a smaller gap
+  is within timing noise). So the default is never slower than plain fp32.
+* torch.compile is not part of "auto": on this 2-core AMX machine it cost 10-25 s to compile
+  and gave no measurable gain (fp32 423 vs 460 img/s, bf16 642 vs 610-660 img/s, batch 100), so
+  it is opt-in with `--compile true`.
+
+Measured here (Xeon with AMX, 2 cores, full-size VAE, batch 100, `worldmodels bench --only
+vae_train`): fp32 ~480 img/s, channels_last ~470, bf16 ~620, bf16 + channels_last ~660, with
+validation SSE after 30 steps within 2% of fp32, so auto picks bf16 + channels_last here.
+Validation always runs in fp32, so the reported figures do not depend on the speed options.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from worldmodels.checkpoint import (
+    MODEL_META,
+    MODEL_WEIGHTS,
+    TrainingCheckpoint,
+    load_model,
+    read_model_meta,
+    save_model,
+)
+from worldmodels.config import load_config, option, save_config
+from worldmodels.data import (
+    count_frames,
+    iterate_frame_batches,
+    load_episode,
+    open_episodes,
+    split_by_episode,
+)
+from worldmodels.data.manifest import ManifestEntry
+from worldmodels.errors import UserError
+from worldmodels.layout import RunDir, writable_dir
+from worldmodels.metrics import MetricsLog
+from worldmodels.models import ConvVAE, frames_to_tensor, vae_loss
+from worldmodels.progress import log, progress_bar
+from worldmodels.runtime import cpu_supports_fast_bf16, pick_device
+
+COMMAND = "train-vae"
+
+
+@dataclass
+class TrainVAEConfig:
+    run_dir: Path = option(Path("runs/default"), "run directory; the VAE goes to <run-dir>/vae")
+    epochs: int = option(10, "passes over the training frames")
+    batch_size: int = option(100, "frames per optimisation step (the paper uses 100)")
+    lr: float = option(1e-3, "Adam learning rate")
+    free_bits: float = option(0.5, "KL floor in nats per latent dim (the paper uses 0.5)")
+    z_dim: int = option(32, "latent size")
+    channels: tuple[int, ...] = option((32, 64, 128, 256), "encoder channels, 4 comma-separated")
+    val_fraction: float = option(0.1, "share of episodes held out for validation")
+    buffer_episodes: int = option(8, "episodes mixed in the shuffle buffer (bounds memory)")
+    max_train_frames: int = option(0, "training frames per epoch, a random subset (0 = all)")
+    max_val_frames: int = option(0, "validation frames per epoch, always the same ones (0 = all)")
+    patience: int = option(0, "stop after this many epochs without a better val SSE (0 = off)")
+    seed: int = option(0, "seed for weights, shuffling and the reparameterisation noise")
+    device: str = option("auto", "where to train (auto = cuda if present)", ("auto", "cpu", "cuda"))
+    precision: str = option(
+        "auto", "training precision (auto = bf16 if measured faster)", ("auto", "fp32", "bf16")
+    )
+    channels_last: str = option(
+        "auto", "channels_last memory layout (auto = if measured faster)", ("auto", "on", "off")
+    )
+    compile: bool = option(False, "torch.compile the model (costs tens of seconds up front)")
+    force: bool = option(False, "discard the checkpoint and any finished model, start over")
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "z_dim", "buffer_episodes"):
+            if getattr(self, name) < 1:
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        for name in ("max_train_frames", "max_val_frames", "patience"):
+            if getattr(self, name) < 0:
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                )
+        if len(self.channels) != 4 or min(self.channels) < 1:
+            raise UserError(f"--channels needs 4 positive sizes, got {self.channels}")
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr <= 0 or self.free_bits < 0:
+            raise UserError("--lr must be > 0 and --free-bits >= 0")
+
+
+# Settings that define what a checkpoint *is*; the rest (epochs, lr, speed) may change on resume.
+_IDENTITY = ("z_dim", "channels", "val_fraction")
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed options
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How a training step runs. None of these change the maths, only how fast it is done."""
+
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = ["bf16" if self.bf16 else "fp32"]
+        parts += ["channels_last"] * self.channels_last + ["compile"] * self.compile
+        return "+".join(parts)
+
+
+@dataclass
+class SpeedResult:
+    img_per_s: float
+    losses: list[float]  # loss at each step: same data, weights and noise for every option
+    model: ConvVAE  # the copy this option trained (the benchmark validates it)
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_supports_fast_bf16()
+
+
+def speed_candidates(cfg: TrainVAEConfig, device: torch.device) -> list[Speed]:
+    """The options "auto" chooses between; a fixed setting narrows them. Plain comes first."""
+    if cfg.precision == "auto":
+        precisions = [False, True] if bf16_is_fast(device) else [False]
+    else:
+        precisions = [cfg.precision == "bf16"]
+    layouts = {"auto": [False, True], "on": [True], "off": [False]}[cfg.channels_last]
+    return [Speed(bf16, cl, cfg.compile) for bf16 in precisions for cl in layouts]
+
+
+def autocast(device: torch.device, speed: Speed):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=speed.bf16)
+
+
+def to_input(frames: np.ndarray, device: torch.device, speed: Speed) -> torch.Tensor:
+    x = frames_to_tensor(frames, device)
+    return x.contiguous(memory_format=torch.channels_last) if speed.channels_last else x
+
+
+def prepare_model(model: ConvVAE, device: torch.device, speed: Speed) -> tuple[ConvVAE, Callable]:
+    """Move the model and return (model, forward); forward is the compiled model if asked."""
+    model = model.to(device)
+    if speed.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if speed.compile else model
+    return model, forward
+
+
+def train_step(
+    forward: Callable,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    free_bits: float,
+    device: torch.device,
+    speed: Speed,
+) -> dict[str, torch.Tensor]:
+    """One Adam step on a batch; returns the (detached) loss figures of `vae_loss`."""
+    with autocast(device, speed):
+        x_hat, mu, logvar = forward(x)
+    out = vae_loss(x, x_hat, mu, logvar, free_bits)  # computed in fp32 whatever the autocast
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    optimizer.step()
+    return {k: v.detach() for k, v in out.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_speeds(
+    candidates: list[Speed],
+    model: ConvVAE,
+    batches: list[np.ndarray],
+    device: torch.device,
+    lr: float,
+    free_bits: float,
+    steps: int = 5,
+) -> dict[Speed, SpeedResult]:
+    """Train a copy of `model` per option for `steps` steps, interleaved; fastest step time.
+
+    Each copy first takes one untimed warm-up step (kernel selection, compilation). Step i uses
+    the same batch (cycling through `batches`) and the same reparameterisation noise in every
+    copy, so their losses are comparable. A timed step includes the uint8 -> float conversion.
+    The fastest step is the figure least disturbed by other processes sharing the CPU (a
+    median of a few steps picked a 3x slower option while a collect ran beside it).
+    """
+    runs = []
+    for speed in candidates:
+        copy_, forward = prepare_model(copy.deepcopy(model), device, speed)
+        runs.append((speed, copy_, forward, torch.optim.Adam(copy_.parameters(), lr=lr)))
+    times: dict[Speed, list[float]] = {speed: [] for speed in candidates}
+    losses: dict[Speed, list[float]] = {speed: [] for speed in candidates}
+    for step in range(steps + 1):
+        frames = batches[step % len(batches)]
+        for speed, _, forward, optimizer in runs:
+            torch.manual_seed(step)
+            _sync(device)
+            start = time.perf_counter()
+            x = to_input(frames, device, speed)
+            out = train_step(forward, optimizer, x, free_bits, device, speed)
+            _sync(device)
+            if step > 0:
+                times[speed].append(time.perf_counter() - start)
+            losses[speed].append(out["loss"].item())
+    return {
+        speed: SpeedResult(len(batches[0]) / min(times[speed]), losses[speed], m)
+        for speed, m, _, _ in runs
+    }
+
+
+def keeps_loss(result: SpeedResult, reference: SpeedResult, tolerance: float = 0.02) -> bool:
+    """Same loss as the reference after the same steps, within a relative tolerance."""
+    final, ref = result.losses[-1], reference.losses[-1]
+    return bool(np.isfinite(final)) and abs(final - ref) <= tolerance * abs(ref)
+
+
+def pick_fastest(results: dict[Speed, SpeedResult], margin: float = 0.05) -> Speed:
+    """The fastest option that keeps the loss of the first (plain) one, if clearly faster."""
+    baseline = next(iter(results))
+    kept = [s for s, r in results.items() if keeps_loss(r, results[baseline])]
+    best = max(kept, key=lambda s: results[s].img_per_s)
+    if results[best].img_per_s > (1 + margin) * results[baseline].img_per_s:
+        return best
+    return baseline
+
+
+def choose_speed(
+    cfg: TrainVAEConfig, model: ConvVAE, frames: np.ndarray, device: torch.device
+) -> tuple[Speed, dict[Speed, SpeedResult]]:
+    """Resolve the "auto" speed options by measurement (see the module docstring)."""
+    candidates = speed_candidates(cfg, device)
+    if cfg.precision == "bf16" and not bf16_is_fast(device):
+        log(f"{COMMAND}: warning: no native bf16 on this {device.type}; bf16 may be much slower")
+    if len(candidates) == 1:
+        return candidates[0], {}
+    results = measure_speeds(candidates, model, [frames], device, cfg.lr, cfg.free_bits)
+    speed = pick_fastest(results)
+    figures = ", ".join(f"{s.name} {r.img_per_s:.0f}" for s, r in results.items())
+    log(f"{COMMAND}: speed options measured (img/s): {figures}; using {speed.name}")
+    return speed, results
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def first_frames(folder: Path, entries: list[ManifestEntry], n: int) -> np.ndarray:
+    """`n` real frames (repeated if the data set is smaller) for the speed measurement."""
+    frames = []
+    for entry in entries:
+        frames.append(load_episode(folder / entry.file).obs)
+        if sum(len(f) for f in frames) >= n:
+            break
+    return np.resize(np.concatenate(frames), (n, 64, 64, 3))
+
+
+def _take(batches, limit: int):
+    """Yield batches until `limit` frames (0 = no limit), trimming the last one to fit."""
+    seen = 0
+    for batch in batches:
+        if limit:
+            batch = batch[: limit - seen]
+        if len(batch) == 0:
+            return
+        seen += len(batch)
+        yield batch
+
+
+def train_epoch(
+    model: ConvVAE,
+    forward: Callable,
+    optimizer: torch.optim.Optimizer,
+    batches,
+    total: int,
+    cfg: TrainVAEConfig,
+    device: torch.device,
+    speed: Speed,
+    desc: str,
+) -> dict[str, float]:
+    """One pass over the training batches; returns frame-weighted means and img/s."""
+    model.train()
+    sums = {k: torch.zeros((), device=device) for k in ("loss", "sse", "mse", "kl")}
+    frames = 0
+    start = time.perf_counter()
+    with progress_bar(total, desc, unit="img") as bar:
+        for step, batch in enumerate(batches):
+            out = train_step(
+                forward, optimizer, to_input(batch, device, speed), cfg.free_bits, device, speed
+            )
+            for key in sums:
+                sums[key] += out[key] * len(batch)
+            frames += len(batch)
+            bar.update(len(batch))
+            if step % 20 == 0:
+                bar.set_postfix(sse=f"{out['sse'].item():.1f}", kl=f"{out['kl'].item():.1f}")
+    seconds = time.perf_counter() - start
+    means = {f"train_{k}": (v / max(frames, 1)).item() for k, v in sums.items()}
+    return {**means, "train_frames": frames, "img_per_s": frames / max(seconds, 1e-9)}
+
+
+@torch.no_grad()
+def evaluate(model: ConvVAE, batches, device: torch.device, speed: Speed, free_bits: float) -> dict:
+    """Held-out figures in fp32 on the posterior mean (deterministic, comparable across runs)."""
+    model.eval()
+    sums: dict[str, float] = {"loss": 0.0, "sse": 0.0, "mse": 0.0, "kl": 0.0}
+    frames = 0
+    for batch in batches:
+        x = to_input(batch, device, speed)
+        x_hat, mu, logvar = model(x)
+        out = vae_loss(x, x_hat, mu, logvar, free_bits)
+        for key in sums:
+            sums[key] += out[key].item() * len(batch)
+        frames += len(batch)
+    model.train()
+    if frames == 0:
+        return {}
+    return {f"val_{k}": v / frames for k, v in sums.items()} | {"val_frames": frames}
+
+
+def _check_same_identity(cfg: TrainVAEConfig, config_path: Path) -> None:
+    if not config_path.exists():
+        return
+    old = load_config(TrainVAEConfig, config_path)
+    for name in _IDENTITY:
+        if getattr(old, name) != getattr(cfg, name):
+            raise UserError(
+                f"{config_path.parent} holds a VAE trained with {name}={getattr(old, name)}, "
+                f"not {getattr(cfg, name)}: use the same setting, --force, or a new --run-dir"
+            )
+
+
+def _clear(out: Path) -> None:
+    """Forget every previous attempt (for --force or a fresh start)."""
+    shutil.rmtree(out / "ckpt", ignore_errors=True)
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    for name in (MODEL_WEIGHTS, MODEL_META, "metrics.jsonl"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _finished(out: Path, cfg: TrainVAEConfig) -> dict | None:
+    """The finished model's metadata if it already covers the requested epochs."""
+    if not (out / MODEL_META).exists():
+        return None
+    meta = read_model_meta(out, COMMAND)
+    return meta if meta.get("epochs_requested", 0) >= cfg.epochs else None
+
+
+def _cpu_state(model: ConvVAE) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def run(cfg: TrainVAEConfig) -> Path:
+    """Train (or resume, or skip if finished); return the `<run>/vae` folder."""
+    cfg.validate()
+    layout = RunDir(cfg.run_dir)
+    entries = open_episodes(layout.episodes)
+    out = writable_dir(layout.vae)
+    if cfg.force:
+        _clear(out)
+    else:
+        _check_same_identity(cfg, out / "config.json")
+        if meta := _finished(out, cfg):
+            log(
+                f"{COMMAND}: {out} already holds a VAE trained {meta['epochs']} epochs "
+                f"(val SSE {meta.get('val_sse', float('nan')):.1f}); nothing to do "
+                "(--force retrains)"
+            )
+            return out
+    save_config(cfg, out / "config.json")
+
+    train_entries, val_entries = split_by_episode(entries, cfg.val_fraction)
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is available")
+    torch.manual_seed(cfg.seed)
+    model = ConvVAE(cfg.z_dim, cfg.channels)
+    sample = first_frames(layout.episodes, train_entries, cfg.batch_size)
+    speed, _ = choose_speed(cfg, model, sample, device)
+    model, forward = prepare_model(model, device, speed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    checkpoint = TrainingCheckpoint(out / "ckpt", COMMAND)
+    state = checkpoint.load(model, optimizer)
+    if state is None:
+        _clear(out)
+        state = {"epoch": 0, "best_epoch": 0, "best_score": float("inf"), "bad_epochs": 0}
+        state |= {"best_state": _cpu_state(model), "best_row": {}}
+    else:
+        log(f"{COMMAND}: resuming after epoch {state['epoch']} from {checkpoint.folder}")
+    for group in optimizer.param_groups:  # a changed --lr applies from the resumed epoch on
+        group["lr"] = cfg.lr
+    metrics = MetricsLog(out, resume_after=state["epoch"])
+
+    epoch_frames = count_frames(train_entries)
+    if cfg.max_train_frames:
+        epoch_frames = min(epoch_frames, cfg.max_train_frames)
+    log(
+        f"{COMMAND}: {len(train_entries)} training episodes ({epoch_frames} frames an epoch), "
+        f"{len(val_entries)} held out; {device.type}, {speed.name}, batch {cfg.batch_size}"
+    )
+    early_stopped = False
+    try:
+        for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+            if cfg.patience and state["bad_epochs"] >= cfg.patience:
+                early_stopped = True
+                log(f"{COMMAND}: no better val SSE in {cfg.patience} epochs, stopping early")
+                break
+            started = time.perf_counter()
+            # Seeded by (seed, epoch): a resumed epoch sees the data order and noise it would
+            # have seen without the interruption.
+            torch.manual_seed(cfg.seed * 100_003 + epoch)
+            rng = np.random.default_rng([cfg.seed, epoch])
+            train = iterate_frame_batches(
+                layout.episodes, train_entries, cfg.batch_size, rng, cfg.buffer_episodes
+            )
+            row = {"epoch": epoch} | train_epoch(
+                model, forward, optimizer, _take(train, cfg.max_train_frames), epoch_frames,
+                cfg, device, speed, desc=f"{COMMAND} {epoch}/{cfg.epochs}",
+            )  # fmt: skip
+            val = iterate_frame_batches(layout.episodes, val_entries, cfg.batch_size, None, 1)
+            row |= evaluate(model, _take(val, cfg.max_val_frames), device, speed, cfg.free_bits)
+            row |= {"seconds": time.perf_counter() - started, "speed": speed.name}
+            state = _update_best(state, row, model)
+            metrics.write(row, step=epoch)  # before the checkpoint: a kill between the two
+            checkpoint.save(epoch, model, optimizer, state)  # re-runs this epoch, dropping the row
+            log(
+                f"{COMMAND}: epoch {epoch}: train SSE {row['train_sse']:.1f}, "
+                f"val SSE {row.get('val_sse', float('nan')):.1f}, KL {row['train_kl']:.1f}, "
+                f"{row['img_per_s']:.0f} img/s"
+            )
+    finally:
+        metrics.close()
+    return _finish(out, state, cfg, early_stopped, speed)
+
+
+def _update_best(state: dict, row: dict, model: ConvVAE) -> dict:
+    """Loop state after an epoch: the best weights so far and the epochs since they improved.
+
+    With no held-out episodes (--val-fraction 0) the last epoch counts as the best.
+    """
+    state = {**state, "epoch": row["epoch"]}
+    score = row.get("val_sse")
+    if score is None or score < state["best_score"]:
+        keys = ("val_sse", "val_mse", "val_kl", "train_sse", "train_mse", "train_kl")
+        best_row = {k: float(row[k]) for k in keys if k in row}
+        state |= {"best_epoch": row["epoch"], "best_score": score or 0.0, "bad_epochs": 0}
+        state |= {"best_state": _cpu_state(model), "best_row": best_row}
+    else:
+        state["bad_epochs"] += 1
+    return state
+
+
+def _finish(out: Path, state: dict, cfg: TrainVAEConfig, early_stopped: bool, speed: Speed) -> Path:
+    """Write the best-on-validation weights as the stage's model."""
+    final = ConvVAE(cfg.z_dim, cfg.channels)
+    final.load_state_dict(state["best_state"])
+    extra = {
+        **state["best_row"],
+        "best_epoch": state["best_epoch"],
+        "epochs": state["epoch"],
+        "epochs_requested": cfg.epochs,
+        "early_stopped": early_stopped,
+        "speed": speed.name,
+        "seed": cfg.seed,
+    }
+    save_model(out, final, {"z_dim": cfg.z_dim, "channels": list(cfg.channels)}, extra)
+    log(
+        f"{COMMAND}: wrote {out / MODEL_WEIGHTS} (epoch {state['best_epoch']}, "
+        f"val SSE {extra.get('val_sse', float('nan')):.1f})"
+    )
+    return out
+
+
+def load_vae(run_dir: Path) -> ConvVAE:
+    """The trained VAE of a run dir, in eval mode on the CPU (what other stages use)."""
+    model = load_model(RunDir(run_dir).vae, ConvVAE, COMMAND)
+    return model.eval()

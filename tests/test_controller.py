@@ -1,0 +1,151 @@
+"""The agent step, the episode loop, CMA-ES training and official evaluation, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodels.agent import Agent
+from worldmodels.checkpoint import save_model
+from worldmodels.cli import main
+from worldmodels.envs import make_env
+from worldmodels.layout import RunDir
+from worldmodels.metrics import read_metrics
+from worldmodels.models import MDNRNN, ConvVAE, LinearController, controller_param_count
+from worldmodels.rollout import run_episodes
+from worldmodels.stages import evaluate, train_controller
+
+VAE_ARCH = {"z_dim": 8, "channels": [4, 8, 8, 16]}
+MDN_ARCH = {"z_dim": 8, "action_dim": 3, "hidden": 16, "n_gaussians": 2}
+
+
+def tiny_models(seed: int = 0) -> tuple[ConvVAE, MDNRNN]:
+    torch.manual_seed(seed)
+    return ConvVAE(VAE_ARCH["z_dim"], tuple(VAE_ARCH["channels"])), MDNRNN(**MDN_ARCH)
+
+
+@pytest.fixture
+def world_run(tiny_run, tmp_path):
+    """A run dir with the tiny real data plus small random V and M saved as the stages would."""
+    shutil.copytree(RunDir(tiny_run).data, RunDir(tmp_path).data)
+    vae, mdnrnn = tiny_models()
+    save_model(RunDir(tmp_path).vae, vae, VAE_ARCH)
+    save_model(RunDir(tmp_path).mdnrnn, mdnrnn, MDN_ARCH)
+    return tmp_path
+
+
+def test_batched_agent_equals_one_controller_at_a_time():
+    vae, mdnrnn = tiny_models()
+    frames = np.random.default_rng(0).integers(0, 256, (4, 96, 96, 3), dtype=np.uint8)
+    n_params = controller_param_count(8 + 16)
+    params = torch.randn(4, n_params) * 0.5
+    batched = Agent(vae, mdnrnn)
+    batched.reset(4)
+    together = [batched.act(frames, params) for _ in range(3)]
+    for i in range(4):
+        single = Agent(vae, mdnrnn)
+        single.reset(1)
+        alone = [single.act(frames[i : i + 1], params[i : i + 1]) for _ in range(3)]
+        for step in range(3):
+            np.testing.assert_allclose(together[step][i], alone[step][0], atol=1e-5)
+        controller = LinearController.from_flat(params[i])
+        z = single.encode(frames[i : i + 1])
+        first = controller(torch.cat([z, torch.zeros(1, 16)], dim=1))  # h starts at zero
+        np.testing.assert_allclose(together[0][i], first[0].detach().numpy(), atol=1e-5)
+    assert not np.allclose(together[0][0], together[0][1])  # different controllers, different acts
+
+
+def test_early_stop_charges_the_remaining_steps():
+    vae, mdnrnn = tiny_models()
+    agent = Agent(vae, mdnrnn)
+    params = torch.zeros(2, controller_param_count(24))
+    params[:, 3 * 24 + 2] = 5.0  # bias: brake hard, so the car sits still and earns nothing
+    with make_env("envpool", 2, max_steps=200) as env:
+        full = run_episodes(env, agent, params, [1, 2])
+        stopped = run_episodes(env, agent, params, [1, 2], early_stop=30)
+    assert stopped.stopped_early.all() and (stopped.steps < 200).all()
+    assert stopped.env_steps < full.env_steps
+    # a parked car loses 0.1 a step either way, so the honest charge gives the same return
+    np.testing.assert_allclose(stopped.returns, full.returns, atol=1e-3)
+
+
+def _train(run_dir, generations: int, **kw):
+    cfg = train_controller.TrainControllerConfig(
+        run_dir=run_dir,
+        generations=generations,
+        population=4,
+        rollouts=2,
+        max_steps=40,
+        early_stop=0,
+        check_every=2,
+        check_episodes=2,
+        **kw,
+    )
+    return train_controller.run(cfg)
+
+
+def test_train_controller_resume_equals_an_uninterrupted_run(world_run, tmp_path_factory):
+    other = tmp_path_factory.mktemp("straight")
+    shutil.copytree(world_run, other, dirs_exist_ok=True)
+    folder = _train(world_run, generations=2)
+    _train(world_run, generations=3)  # resumes after generation 2
+    straight = _train(other, generations=3)
+    rows = read_metrics(folder / "metrics.jsonl")
+    assert [r["generation"] for r in rows] == [1, 2, 3]
+    again = read_metrics(straight / "metrics.jsonl")
+    for a, b in zip(rows, again):
+        assert a["best"] == pytest.approx(b["best"], abs=1e-4)
+        assert a["mean"] == pytest.approx(b["mean"], abs=1e-4)
+        assert a["sigma"] == pytest.approx(b["sigma"], rel=1e-9)
+    assert "check_mean" in rows[1] and np.isfinite(rows[1]["check_mean"])
+    assert all(r["best"] >= r["mean"] >= r["worst"] for r in rows)
+    assert (folder / "model.json").exists() and (folder / "best" / "model.json").exists()
+    meta = json.loads((folder / "model.json").read_text())
+    assert meta["generation"] == 3 and meta["arch"]["input_dim"] == 24
+
+
+def test_evaluate_writes_the_protocol_and_statistics(world_run):
+    _train(world_run, generations=1)
+    cfg = evaluate.EvaluateConfig(
+        run_dir=world_run, episodes=3, max_steps=30, seed=77, workers=2, gif=1
+    )
+    folder = evaluate.run(cfg)
+    report = json.loads((folder / "eval.json").read_text())
+    assert (
+        report["protocol"]["env"] == "CarRacing-v3" and report["protocol"]["backend"] == "gymnasium"
+    )
+    assert [e["seed"] for e in report["episodes"]] == [77, 78, 79]
+    returns = np.array([e["return"] for e in report["episodes"]])
+    assert report["mean"] == pytest.approx(returns.mean()) and report["std"] == pytest.approx(
+        returns.std(ddof=1)
+    )
+    assert report["ci95"][0] <= report["mean"] <= report["ci95"][1]
+    assert all(e["steps"] == 30 for e in report["episodes"])
+    gifs = list(folder.glob("best_seed*.gif"))
+    assert len(gifs) == 1
+    import imageio.v3 as iio
+
+    assert iio.imread(gifs[0]).shape[0] == 15  # every 2nd of 30 frames
+
+
+def test_missing_controller_says_what_to_run(world_run, capsys):
+    assert main(["evaluate", "--run-dir", str(world_run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "run `worldmodels train-controller` first" in err and len(err.splitlines()) == 1
+
+
+def test_play_draws_frames_and_saves_a_screenshot(world_run, tmp_path):
+    _train(world_run, generations=1)
+    shot = tmp_path / "play.png"
+    args = ["play", "--run-dir", str(world_run), "--max-steps", "15", "--fps", "0"]
+    assert main([*args, "--screenshot", str(shot)]) == 0
+    import imageio.v3 as iio
+
+    image = iio.imread(shot)
+    assert image.shape[:2] == (288 + 40, 2 * 288)
+    left, right = image[:288, :288].astype(int), image[:288, 288:].astype(int)
+    assert left.std() > 10 and right.std() > 1  # a real frame and a (random-V) reconstruction
