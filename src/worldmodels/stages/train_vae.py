@@ -5,26 +5,27 @@ are held out for validation. Every epoch writes a checkpoint (model + optimizer 
 weights so far), so a rerun after a kill resumes at the last finished epoch and never starts
 over; the final model is the epoch with the lowest validation SSE.
 
-Speed options (precision, memory layout, compilation) change how fast a step runs, never what
+Speed options (precision, memory layout, compilation) change how fast a step runs, not what
 it computes, so "auto" decides them by measurement on the machine it runs on:
 
 * Candidates: fp32 and fp32 + channels_last always; bf16 autocast (± channels_last) only where
   the hardware does bf16 natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX). On CPUs
   without it bf16 autocast was measured 10-25x slower, so it is not worth even trying.
-* A startup micro-benchmark runs a few real training steps of every candidate on the same
-  batch from the same initial weights, interleaved so a busy neighbour slows them all alike,
-  and keeps the median step time (about 3 s for the full-size net on 2 CPU cores).
-* A candidate "keeps the loss" if its loss after those steps is within 2% of fp32's; the
-  fastest such candidate wins, but only if it beats plain fp32 by more than 5% (a smaller gap
-  is within timing noise). So the default is never slower than plain fp32.
+* A startup micro-benchmark trains a copy of the net per candidate for 5 steps on the same real
+  batch, same initial weights and same noise, interleaved so a busy neighbour slows them all
+  alike, and keeps each one's fastest step (~4 s for the full-size net on 2 cores).
+* A candidate "keeps the loss" if its loss after those steps is within 2% of fp32's (bf16
+  tracks fp32 to 0.1% over such steps); the fastest such candidate wins, but only if it beats
+  plain fp32 by more than 5% (less is timing noise). So the default is never slower than fp32.
 * torch.compile is not part of "auto": on this 2-core AMX machine it cost 10-25 s to compile
-  and gave no measurable gain (fp32 423 vs 460 img/s, bf16 642 vs 610-660 img/s, batch 100), so
-  it is opt-in with `--compile true`.
+  (cold cache) and gained nothing (interleaved, 20 steps: fp32 494 vs compiled 487 img/s,
+  bf16 + channels_last 714 vs compiled 716), so it is opt-in with `--compile true`.
 
 Measured here (Xeon with AMX, 2 cores, full-size VAE, batch 100, `worldmodels bench --only
-vae_train`): fp32 ~480 img/s, channels_last ~470, bf16 ~620, bf16 + channels_last ~660, with
-validation SSE after 30 steps within 2% of fp32, so auto picks bf16 + channels_last here.
-Validation always runs in fp32, so the reported figures do not depend on the speed options.
+vae_train`): fp32 ~495 img/s, fp32 + channels_last ~485, bf16 ~630, bf16 + channels_last ~715,
+all with held-out SSE after 20 steps within 2% of fp32, so auto picks bf16 + channels_last
+here (1.4x fp32). Validation runs in fp32, so the reported figures do not depend on the speed
+options.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from __future__ import annotations
 import copy
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,8 +212,9 @@ def measure_speeds(
     Each copy first takes one untimed warm-up step (kernel selection, compilation). Step i uses
     the same batch (cycling through `batches`) and the same reparameterisation noise in every
     copy, so their losses are comparable. A timed step includes the uint8 -> float conversion.
-    The fastest step is the figure least disturbed by other processes sharing the CPU (a
-    median of a few steps picked a 3x slower option while a collect ran beside it).
+    The fastest step is the figure least disturbed by other processes sharing the CPU (with a
+    median of 3 steps, a collect running beside it once made auto pick fp32 + channels_last,
+    1.5x slower than bf16 + channels_last).
     """
     runs = []
     for speed in candidates:
@@ -284,7 +286,7 @@ def first_frames(folder: Path, entries: list[ManifestEntry], n: int) -> np.ndarr
     return np.resize(np.concatenate(frames), (n, 64, 64, 3))
 
 
-def _take(batches, limit: int):
+def _take(batches: Iterable[np.ndarray], limit: int) -> Iterator[np.ndarray]:
     """Yield batches until `limit` frames (0 = no limit), trimming the last one to fit."""
     seen = 0
     for batch in batches:
@@ -300,7 +302,7 @@ def train_epoch(
     model: ConvVAE,
     forward: Callable,
     optimizer: torch.optim.Optimizer,
-    batches,
+    batches: Iterable[np.ndarray],
     total: int,
     cfg: TrainVAEConfig,
     device: torch.device,
@@ -329,7 +331,13 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: ConvVAE, batches, device: torch.device, speed: Speed, free_bits: float) -> dict:
+def evaluate(
+    model: ConvVAE,
+    batches: Iterable[np.ndarray],
+    device: torch.device,
+    speed: Speed,
+    free_bits: float,
+) -> dict[str, float]:
     """Held-out figures in fp32 on the posterior mean (deterministic, comparable across runs)."""
     model.eval()
     sums: dict[str, float] = {"loss": 0.0, "sse": 0.0, "mse": 0.0, "kl": 0.0}
@@ -347,8 +355,11 @@ def evaluate(model: ConvVAE, batches, device: torch.device, speed: Speed, free_b
     return {f"val_{k}": v / frames for k, v in sums.items()} | {"val_frames": frames}
 
 
-def _check_same_identity(cfg: TrainVAEConfig, config_path: Path) -> None:
-    if not config_path.exists():
+def _check_same_identity(cfg: TrainVAEConfig, out: Path) -> None:
+    """Refuse to resume (or skip to) a VAE whose architecture or held-out split differ."""
+    config_path = out / "config.json"
+    started = (out / "ckpt" / "checkpoint.json").exists() or (out / MODEL_META).exists()
+    if not (started and config_path.exists()):
         return
     old = load_config(TrainVAEConfig, config_path)
     for name in _IDENTITY:
@@ -388,7 +399,7 @@ def run(cfg: TrainVAEConfig) -> Path:
     if cfg.force:
         _clear(out)
     else:
-        _check_same_identity(cfg, out / "config.json")
+        _check_same_identity(cfg, out)
         if meta := _finished(out, cfg):
             log(
                 f"{COMMAND}: {out} already holds a VAE trained {meta['epochs']} epochs "
