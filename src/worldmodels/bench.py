@@ -36,8 +36,9 @@ def _random_actions(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.c_[rng.uniform(-1, 1, n), rng.uniform(0, 1, n), np.zeros(n)].astype(np.float32)
 
 
-def bare_envpool(cfg: BenchConfig) -> dict:
+def bare_envpool(cfg: BenchConfig, envs: int | None = None) -> dict:
     """EnvPool alone: one pool, all slots stepped together, nothing else done with the frames."""
+    envs = envs or cfg.envs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import envpool
@@ -45,7 +46,7 @@ def bare_envpool(cfg: BenchConfig) -> dict:
         pool = envpool.make(
             "CarRacing-v3",
             env_type="gymnasium",
-            num_envs=cfg.envs,
+            num_envs=envs,
             seed=0,
             num_threads=os.cpu_count(),
         )
@@ -54,9 +55,71 @@ def bare_envpool(cfg: BenchConfig) -> dict:
     steps = 0
     start = time.perf_counter()
     while steps < cfg.envpool_steps:
-        pool.step(_random_actions(rng, cfg.envs))
-        steps += cfg.envs
-    return {"steps_per_s": steps / (time.perf_counter() - start), "envs": cfg.envs}
+        pool.step(_random_actions(rng, envs))
+        steps += envs
+    return {"steps_per_s": steps / (time.perf_counter() - start), "envs": envs}
+
+
+POPULATION = 64
+
+
+def bare_envpool_pop64(cfg: BenchConfig) -> dict:
+    return bare_envpool(cfg, POPULATION)
+
+
+def _full_size_agent():
+    """Full-size V and M with random weights: speed does not depend on what they learned."""
+    import torch
+
+    from worldmodels.agent import Agent
+    from worldmodels.models import MDNRNN, ConvVAE
+
+    torch.manual_seed(0)
+    return Agent(ConvVAE(), MDNRNN())
+
+
+def agent_envpool_pop64(cfg: BenchConfig) -> dict:
+    """Controller training's inner loop: 64 envs, each driven by its own candidate, V and M
+    batched over all of them, as `train-controller` runs it (one torch thread)."""
+    import torch
+
+    from worldmodels.envs import make_env
+    from worldmodels.models import controller_param_count
+    from worldmodels.rollout import run_episodes
+
+    torch.set_num_threads(1)
+    agent = _full_size_agent()
+    params = torch.randn(POPULATION, controller_param_count(agent.input_dim)) * 0.1
+    max_steps = max(50, cfg.envpool_steps // POPULATION)
+    with make_env("envpool", POPULATION, max_steps) as env:
+        start = time.perf_counter()
+        result = run_episodes(env, agent, params, list(range(POPULATION)))
+        wall = time.perf_counter() - start
+    torch.set_num_threads(os.cpu_count() or 1)
+    return {"steps_per_s": result.env_steps / wall, "envs": POPULATION, "max_steps": max_steps}
+
+
+def agent_gymnasium_eval(cfg: BenchConfig) -> dict:
+    """Official-env evaluation with the agent: one process per core, V batched across them."""
+    import torch
+
+    from worldmodels.envs import make_env
+    from worldmodels.models import controller_param_count
+    from worldmodels.rollout import run_episodes
+
+    torch.set_num_threads(1)
+    procs = os.cpu_count() or 1
+    episodes = 4 * procs
+    agent = _full_size_agent()
+    params = torch.randn(1, controller_param_count(agent.input_dim)).repeat(episodes, 1) * 0.1
+    max_steps = max(20, cfg.gymnasium_steps // episodes)
+    with make_env("gymnasium", episodes, max_steps, workers=procs) as env:
+        run_episodes(env, agent, params, list(range(episodes)))  # warm up the workers
+        start = time.perf_counter()
+        result = run_episodes(env, agent, params, list(range(episodes)))
+        wall = time.perf_counter() - start
+    torch.set_num_threads(os.cpu_count() or 1)
+    return {"steps_per_s": result.env_steps / wall, "processes": procs, "episodes": episodes}
 
 
 def _gym_worker(steps: int) -> float:
@@ -283,6 +346,9 @@ def vae_encode(cfg: BenchConfig) -> dict:
 
 MEASUREMENTS = {
     "bare_envpool": bare_envpool,
+    "bare_envpool_pop64": bare_envpool_pop64,
+    "agent_envpool_pop64": agent_envpool_pop64,
+    "agent_gymnasium_eval": agent_gymnasium_eval,
     "bare_gymnasium": bare_gymnasium,
     "collect_envpool": collect_envpool,
     "collect_gymnasium": collect_gymnasium,
@@ -303,6 +369,11 @@ def _ratios(results: dict) -> dict:
         "collect_envpool_over_bare_envpool": ("collect_envpool", "bare_envpool"),
         "collect_gymnasium_over_bare_gymnasium": ("collect_gymnasium", "bare_gymnasium"),
         "dream_batch1024_over_bare_envpool": ("dream_batch1024", "bare_envpool"),
+        "agent_envpool_pop64_over_bare_envpool_pop64": (
+            "agent_envpool_pop64",
+            "bare_envpool_pop64",
+        ),
+        "agent_gymnasium_eval_over_bare_gymnasium": ("agent_gymnasium_eval", "bare_gymnasium"),
     }
     out = {}
     for key, (a, b) in pairs.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,12 @@ class TrainingCheckpoint:
             f"training checkpoint in {self.folder} is corrupt ({why}): "
             f"rerun `worldmodels {self.command} --force` to start over"
         )
+
+
+def clear_training_outputs(folder: Path) -> None:
+    """Forget every previous attempt of a training stage (for --force or a fresh start)."""
+    folder = Path(folder)
+    shutil.rmtree(folder / "ckpt", ignore_errors=True)
+    shutil.rmtree(folder / "tensorboard", ignore_errors=True)
+    for name in (MODEL_WEIGHTS, MODEL_META, "metrics.jsonl"):
+        (folder / name).unlink(missing_ok=True)

@@ -144,3 +144,21 @@ def load_config(cls: type[T], path: Path) -> T:
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read config {path}: {err}") from None
     return from_jsonable(cls, data)
+
+
+def require_same_settings(
+    cfg: Any, config_path: Path, names: tuple[str, ...], what: str, hint: str
+) -> None:
+    """Refuse to resume work whose defining settings differ from the saved `config.json`.
+
+    `what` says what the folder holds ("an M trained"), `hint` what to do instead.
+    """
+    if not Path(config_path).exists():
+        return
+    old = load_config(type(cfg), config_path)
+    for name in names:
+        if getattr(old, name) != getattr(cfg, name):
+            raise UserError(
+                f"{Path(config_path).parent} holds {what} with {name}={getattr(old, name)}, "
+                f"not {getattr(cfg, name)}: {hint}"
+            )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from worldmodels.config import load_config, option, save_config
+from worldmodels.config import option, require_same_settings, save_config
 from worldmodels.data.episodes import Episode, write_episode
 from worldmodels.data.manifest import (
     ManifestEntry,
@@ -84,15 +84,13 @@ _DATA_IDENTITY = ("env", "policy", "seed", "max_steps", "crop")
 
 
 def _check_same_data(cfg: CollectConfig, config_path: Path) -> None:
-    if not config_path.exists():
-        return
-    old = load_config(CollectConfig, config_path)
-    for name in _DATA_IDENTITY:
-        if getattr(old, name) != getattr(cfg, name):
-            raise UserError(
-                f"{config_path.parent} holds episodes collected with {name}={getattr(old, name)}, "
-                f"not {getattr(cfg, name)}: use the same setting or a new --run-dir"
-            )
+    require_same_settings(
+        cfg,
+        config_path,
+        _DATA_IDENTITY,
+        "episodes collected",
+        "use the same setting or a new --run-dir",
+    )
 
 
 def _sweep(folder: Path) -> list[ManifestEntry]:

@@ -31,8 +31,9 @@ from worldmodels.layout import RunDir, writable_dir
 from worldmodels.policies import BrownianPolicy
 from worldmodels.progress import log
 from worldmodels.runtime import pick_device
-from worldmodels.stages.encode import load_latents, load_vae, open_latents
+from worldmodels.stages.encode import load_latents, open_latents
 from worldmodels.stages.train_mdnrnn import TrainMDNRNNConfig, load_mdnrnn
+from worldmodels.stages.train_vae import load_vae
 
 DREAM_POLICIES = ("real", "random")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worldmodels.checkpoint import load_model, read_model_meta
+from worldmodels.checkpoint import read_model_meta
 from worldmodels.config import option, save_config
 from worldmodels.data import Episode, iterate_episodes, open_episodes
 from worldmodels.data.dataset import prefetch
@@ -40,6 +40,7 @@ from worldmodels.layout import RunDir, writable_dir
 from worldmodels.models import ConvVAE, frames_to_tensor
 from worldmodels.progress import log, progress_bar
 from worldmodels.runtime import pick_device
+from worldmodels.stages.train_vae import load_vae
 
 VAE_SOURCE = "vae.json"  # which VAE weights (sha256) the latents in a folder came from
 
@@ -136,15 +137,6 @@ def iterate_latents(
 
 
 # --- encoding ---------------------------------------------------------------------------------
-
-
-def load_vae(run_dir: Path) -> ConvVAE:
-    """The run's trained VAE (CPU, eval mode); says to run train-vae if it is missing."""
-
-    def build(z_dim: int, channels) -> ConvVAE:
-        return ConvVAE(z_dim=z_dim, channels=tuple(channels))  # JSON gives channels as a list
-
-    return load_model(RunDir(run_dir).vae, build, "train-vae").eval()
 
 
 @torch.inference_mode()

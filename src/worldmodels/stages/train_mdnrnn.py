@@ -27,7 +27,6 @@ the number of episodes.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,13 +37,13 @@ import torch
 
 from worldmodels.checkpoint import (
     MODEL_META,
-    MODEL_WEIGHTS,
     TrainingCheckpoint,
+    clear_training_outputs,
     load_model,
     read_model_meta,
     save_model,
 )
-from worldmodels.config import load_config, option, save_config
+from worldmodels.config import option, require_same_settings, save_config
 from worldmodels.data import split_by_episode
 from worldmodels.data.dataset import prefetch
 from worldmodels.data.manifest import ManifestEntry
@@ -277,22 +276,14 @@ def train_epoch(
 # --- the stage --------------------------------------------------------------------------------
 
 
-def _start_over(folder: Path) -> None:
-    shutil.rmtree(folder / "ckpt", ignore_errors=True)
-    for name in (MODEL_WEIGHTS, MODEL_META, "metrics.jsonl"):
-        (folder / name).unlink(missing_ok=True)
-
-
 def _check_same_model(cfg: TrainMDNRNNConfig, config_path: Path) -> None:
-    if not config_path.exists():
-        return
-    old = load_config(TrainMDNRNNConfig, config_path)
-    for name in _IDENTITY:
-        if getattr(old, name) != getattr(cfg, name):
-            raise UserError(
-                f"{config_path.parent} holds an M trained with {name}={getattr(old, name)}, "
-                f"not {getattr(cfg, name)}: use the same setting, --force or a new --run-dir"
-            )
+    require_same_settings(
+        cfg,
+        config_path,
+        _IDENTITY,
+        "an M trained",
+        "use the same setting, --force or a new --run-dir",
+    )
 
 
 def _latents_source(latents: Path) -> str:
@@ -339,7 +330,7 @@ def run(cfg: TrainMDNRNNConfig) -> Path:
     folder = writable_dir(layout.mdnrnn)
     config_path = folder / "config.json"
     if cfg.force:
-        _start_over(folder)
+        clear_training_outputs(folder)
     else:
         _check_same_model(cfg, config_path)
         if _trained_epochs(folder, source) >= cfg.epochs:

@@ -31,7 +31,6 @@ options.
 from __future__ import annotations
 
 import copy
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -44,11 +43,12 @@ from worldmodels.checkpoint import (
     MODEL_META,
     MODEL_WEIGHTS,
     TrainingCheckpoint,
+    clear_training_outputs,
     load_model,
     read_model_meta,
     save_model,
 )
-from worldmodels.config import load_config, option, save_config
+from worldmodels.config import option, require_same_settings, save_config
 from worldmodels.data import (
     count_frames,
     iterate_frame_batches,
@@ -361,21 +361,13 @@ def _check_same_identity(cfg: TrainVAEConfig, out: Path) -> None:
     started = (out / "ckpt" / "checkpoint.json").exists() or (out / MODEL_META).exists()
     if not (started and config_path.exists()):
         return
-    old = load_config(TrainVAEConfig, config_path)
-    for name in _IDENTITY:
-        if getattr(old, name) != getattr(cfg, name):
-            raise UserError(
-                f"{config_path.parent} holds a VAE trained with {name}={getattr(old, name)}, "
-                f"not {getattr(cfg, name)}: use the same setting, --force, or a new --run-dir"
-            )
-
-
-def _clear(out: Path) -> None:
-    """Forget every previous attempt (for --force or a fresh start)."""
-    shutil.rmtree(out / "ckpt", ignore_errors=True)
-    shutil.rmtree(out / "tensorboard", ignore_errors=True)
-    for name in (MODEL_WEIGHTS, MODEL_META, "metrics.jsonl"):
-        (out / name).unlink(missing_ok=True)
+    require_same_settings(
+        cfg,
+        config_path,
+        _IDENTITY,
+        "a VAE trained",
+        "use the same setting, --force, or a new --run-dir",
+    )
 
 
 def _finished(out: Path, cfg: TrainVAEConfig) -> dict | None:
@@ -397,7 +389,7 @@ def run(cfg: TrainVAEConfig) -> Path:
     entries = open_episodes(layout.episodes)
     out = writable_dir(layout.vae)
     if cfg.force:
-        _clear(out)
+        clear_training_outputs(out)
     else:
         _check_same_identity(cfg, out)
         if meta := _finished(out, cfg):
@@ -423,7 +415,7 @@ def run(cfg: TrainVAEConfig) -> Path:
     checkpoint = TrainingCheckpoint(out / "ckpt", COMMAND)
     state = checkpoint.load(model, optimizer)
     if state is None:
-        _clear(out)
+        clear_training_outputs(out)
         state = {"epoch": 0, "best_epoch": 0, "best_score": float("inf"), "bad_epochs": 0}
         state |= {"best_state": _cpu_state(model), "best_row": {}}
     else:

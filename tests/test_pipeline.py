@@ -1,0 +1,129 @@
+"""The whole pipeline, end to end, on the smoke preset: every artifact exists and is valid,
+a rerun redoes nothing, and a `kill -9` mid-run is survived without redoing finished stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from worldmodels.cli import main
+from worldmodels.data import open_episodes
+from worldmodels.layout import RunDir
+from worldmodels.stages.encode import open_latents
+from worldmodels.stages.train_controller import load_world_model
+from worldmodels.stages.train_mdnrnn import load_mdnrnn
+from worldmodels.stages.train_vae import load_vae
+
+STAGES = [
+    "collect",
+    "vae",
+    "visualize",
+    "encode",
+    "mdnrnn",
+    "dream",
+    "controller",
+    "evaluate",
+    "report",
+]
+
+
+def _run(run_dir, *extra) -> int:
+    return main(["run", "--preset", "smoke", "--run-dir", str(run_dir), *extra])
+
+
+def _outputs(layout: RunDir) -> dict:
+    """The file each stage finishes with, and its modification time."""
+    paths = {
+        "collect": layout.episodes / "manifest.jsonl",
+        "vae": layout.vae / "model.safetensors",
+        "encode": layout.latents / "manifest.jsonl",
+        "mdnrnn": layout.mdnrnn / "model.safetensors",
+        "dream": layout.dream / "dream.gif",
+        "controller": layout.controller / "model.safetensors",
+        "evaluate": layout.eval / "eval.json",
+    }
+    return {k: p.stat().st_mtime_ns for k, p in paths.items() if p.exists()}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    assert _run(root, "--controller.generations", "3") == 0
+    return root
+
+
+def test_smoke_run_writes_every_artifact(smoke_run):
+    layout = RunDir(smoke_run)
+    assert len(open_episodes(layout.episodes)) == 6
+    assert len(open_latents(layout.latents)) == 6
+    assert load_vae(smoke_run).z_dim == 32 and load_mdnrnn(smoke_run).hidden == 32
+    assert load_world_model(smoke_run).input_dim == 32 + 32
+    assert iio.imread(layout.vae / "reconstructions.png").shape[0] > 64
+    assert iio.imread(layout.dream / "dream.gif").shape[0] == 21  # start frame + 20 dream steps
+    controller_rows = [
+        json.loads(x) for x in (layout.controller / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["generation"] for r in controller_rows] == [1, 2, 3]  # the override took effect
+    report = json.loads((layout.eval / "eval.json").read_text())
+    assert len(report["episodes"]) == 2 and np.isfinite(report["mean"])
+    assert report["protocol"]["backend"] == "gymnasium" and report["protocol"]["max_steps"] == 60
+    record = json.loads((smoke_run / "run.json").read_text())
+    assert list(record["stages"]) == STAGES and all(s["done"] for s in record["stages"].values())
+    resolved = json.loads((smoke_run / "resolved_config.json").read_text())
+    assert resolved["controller"]["generations"] == 3 and resolved["collect"]["episodes"] == 6
+    markdown = (smoke_run / "report.md").read_text()
+    assert f"{report['mean']:.1f} ± {report['std']:.1f}" in markdown
+    assert "| VAE: summed squared error per image (held-out) |" in markdown
+    html = (smoke_run / "report.html").read_text()
+    assert html.count("data:image/") >= 5  # curves, reconstructions, traversal, dream, GIF
+
+
+def test_rerun_redoes_no_finished_stage(smoke_run, capsys):
+    before = _outputs(RunDir(smoke_run))
+    assert _run(smoke_run, "--controller.generations", "3") == 0
+    assert _outputs(RunDir(smoke_run)) == before
+    assert capsys.readouterr().err.count("already done, skipped") == len(STAGES) - 1
+
+
+def test_kill_9_mid_run_then_rerun_finishes_without_redoing_stages(tmp_path):
+    env = dict(os.environ, WORLDMODELS_PROGRESS="0")
+    cmd = [
+        sys.executable,
+        "-m",
+        "worldmodels.cli",
+        "run",
+        "--preset",
+        "smoke",
+        "--run-dir",
+        str(tmp_path),
+    ]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    record = tmp_path / "run.json"
+    deadline = time.time() + 120
+    done: dict = {}
+    while time.time() < deadline and proc.poll() is None:
+        if record.exists():
+            try:
+                done = json.loads(record.read_text())["stages"]
+            except (json.JSONDecodeError, KeyError):
+                done = {}
+            if len(done) >= 3:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 3 <= len(done) < len(STAGES), "the kill landed outside the run"
+    before = _outputs(RunDir(tmp_path))
+    finished = [k for k in before if k in done]
+    assert _run(tmp_path) == 0
+    after = _outputs(RunDir(tmp_path))
+    assert all(after[k] == before[k] for k in finished)
+    assert set(after) == {"collect", "vae", "encode", "mdnrnn", "dream", "controller", "evaluate"}
