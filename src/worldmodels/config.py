@@ -82,8 +82,8 @@ def add_config_arguments(
         }
         if "choices" in field.metadata:
             kwargs["choices"] = field.metadata["choices"]
-        if ftype is bool:
-            kwargs["metavar"] = "{true,false}"
+        if ftype is bool:  # `--flag` alone means true; `--flag false` turns it off
+            kwargs.update(metavar="{true,false}", nargs="?", const=True)
         group.add_argument(flag, **kwargs)
 
 
