@@ -80,14 +80,13 @@ def _full_size_agent():
 
 def agent_envpool_pop64(cfg: BenchConfig) -> dict:
     """Controller training's inner loop: 64 envs, each driven by its own candidate, V and M
-    batched over all of them, as `train-controller` runs it (one torch thread)."""
+    batched over all of them, as `train-controller` runs it."""
     import torch
 
     from worldmodels.envs import make_env
     from worldmodels.models import controller_param_count
     from worldmodels.rollout import run_episodes
 
-    torch.set_num_threads(1)
     agent = _full_size_agent()
     params = torch.randn(POPULATION, controller_param_count(agent.input_dim)) * 0.1
     max_steps = max(50, cfg.envpool_steps // POPULATION)
@@ -95,7 +94,6 @@ def agent_envpool_pop64(cfg: BenchConfig) -> dict:
         start = time.perf_counter()
         result = run_episodes(env, agent, params, list(range(POPULATION)))
         wall = time.perf_counter() - start
-    torch.set_num_threads(os.cpu_count() or 1)
     return {"steps_per_s": result.env_steps / wall, "envs": POPULATION, "max_steps": max_steps}
 
 
@@ -107,7 +105,6 @@ def agent_gymnasium_eval(cfg: BenchConfig) -> dict:
     from worldmodels.models import controller_param_count
     from worldmodels.rollout import run_episodes
 
-    torch.set_num_threads(1)
     procs = os.cpu_count() or 1
     episodes = 4 * procs
     agent = _full_size_agent()
@@ -118,7 +115,6 @@ def agent_gymnasium_eval(cfg: BenchConfig) -> dict:
         start = time.perf_counter()
         result = run_episodes(env, agent, params, list(range(episodes)))
         wall = time.perf_counter() - start
-    torch.set_num_threads(os.cpu_count() or 1)
     return {"steps_per_s": result.env_steps / wall, "processes": procs, "episodes": episodes}
 
 

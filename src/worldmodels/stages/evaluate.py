@@ -92,7 +92,6 @@ def run(cfg: EvaluateConfig) -> Path:
     cfg.validate()
     folder = writable_dir(RunDir(cfg.run_dir).eval)
     params, meta = load_controller_params(cfg.run_dir, cfg.controller)
-    torch.set_num_threads(1)
     agent = load_world_model(cfg.run_dir, cfg.device, z_only=bool(meta.get("z_only", False)))
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
     log(

@@ -150,7 +150,6 @@ def run(cfg: TrainControllerConfig) -> Path:
     cfg.validate()
     layout = RunDir(cfg.run_dir)
     folder = writable_dir(layout.controller)
-    torch.set_num_threads(1)  # envpool's threads need the cores; V at batch 32 is cheap
     agent = load_world_model(cfg.run_dir, cfg.device, cfg.z_only)
 
     state = None if cfg.force else _load_state(folder)
