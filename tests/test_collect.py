@@ -14,6 +14,7 @@ import pytest
 from worldmodels.cli import main
 from worldmodels.data import load_episode, open_episodes, read_manifest
 from worldmodels.layout import RunDir
+from worldmodels.policies import road_heading
 from worldmodels.stages import collect
 
 
@@ -86,12 +87,35 @@ def test_gymnasium_backend_collects_too(tmp_path):
     assert load_episode(RunDir(tmp_path).episodes / entries[0].file).env == "gymnasium"
 
 
-def test_brownian_actions_are_smooth_and_random_ones_are_not(tiny_run, tmp_path):
-    brownian = load_episode(RunDir(tiny_run).episodes / "episode_000000.npz").actions
-    collect.run(_cfg(tmp_path, policy="random", episodes=1, max_steps=40))
-    random = load_episode(RunDir(tmp_path).episodes / "episode_000000.npz").actions
-    jump = lambda a: np.abs(np.diff(a[:, 0])).mean()  # noqa: E731
-    assert jump(brownian) < 0.2 < jump(random)
+def test_brownian_actions_are_smooth_and_random_ones_are_not(tmp_path):
+    actions = {}
+    for policy in ("brownian", "random"):
+        collect.run(_cfg(tmp_path / policy, policy=policy, episodes=1, max_steps=40))
+        actions[policy] = load_episode(RunDir(tmp_path / policy).episodes / "episode_000000.npz")
+    jump = lambda ep: np.abs(np.diff(ep.actions[:, 0])).mean()  # noqa: E731
+    assert jump(actions["brownian"]) < 0.2 < jump(actions["random"])
+
+
+def test_road_heading_points_at_the_grey_road():
+    grass = np.zeros((2, 96, 96, 3), np.uint8)
+    grass[...] = (102, 204, 102)
+    grass[0, :, 60:76] = (105, 105, 105)  # road right of the car
+    grass[1, :, 10:30] = (107, 107, 107)  # road left of the car
+    offset, seen = road_heading(np.concatenate([grass, grass[:1] * 0 + (102, 204, 102)]))
+    assert seen.tolist() == [True, True, False]
+    assert offset[0] == pytest.approx((67.5 - 48) / 48) and offset[1] < -0.5
+
+
+def test_road_policy_covers_more_track_than_brownian(tmp_path):
+    """What the road policy is for: more road in the data (tiles earn reward) than random walks."""
+    totals = {}
+    for policy in ("road", "brownian"):
+        cfg = _cfg(tmp_path / policy, policy=policy, episodes=6, max_steps=300, envs=6)
+        collect.run(cfg)
+        totals[policy] = np.mean(
+            [e.total_reward for e in read_manifest(RunDir(cfg.run_dir).episodes)]
+        )
+    assert totals["road"] > totals["brownian"] + 50
 
 
 @pytest.mark.parametrize(

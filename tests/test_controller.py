@@ -73,6 +73,28 @@ def test_early_stop_charges_the_remaining_steps():
     np.testing.assert_allclose(stopped.returns, full.returns, atol=1e-3)
 
 
+def test_workers_served_as_ready_play_the_same_episodes_as_one_process():
+    """Gymnasium workers get their next actions as soon as their own block is back; that
+    reordering must not change any episode."""
+    vae, mdnrnn = tiny_models()
+    params = torch.randn(5, controller_param_count(24)) * 0.5
+    params[:, 3 * 24 + 1] += 2.0  # gas, so the cars move and the returns differ
+    seeds = [11, 12, 13, 14, 15]
+    results = []
+    for workers in (0, 2):
+        with make_env("gymnasium", 5, max_steps=40, workers=workers) as env:
+            seen = []
+            result = run_episodes(
+                env, Agent(vae, mdnrnn), params, seeds, early_stop=25, on_step=seen.append
+            )
+            results.append(result)
+        assert sum(len(got.ids) for got in seen) == result.env_steps == result.steps.sum()
+    in_process, served = results
+    np.testing.assert_allclose(served.returns, in_process.returns, atol=1e-3)
+    np.testing.assert_array_equal(served.steps, in_process.steps)
+    assert np.ptp(in_process.returns) > 0.1
+
+
 def _train(run_dir, generations: int, **kw):
     cfg = train_controller.TrainControllerConfig(
         run_dir=run_dir,

@@ -7,11 +7,27 @@ batched matmul over per-env parameters.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
 from worldmodels.envs import preprocess_frames
-from worldmodels.models import MDNRNN, ConvVAE, batched_controller_actions, frames_to_tensor
+from worldmodels.models import MDNRNN, ConvVAE, batched_controller_actions
+from worldmodels.runtime import cpu_supports_fast_bf16
+
+
+def bf16_encoder_is_fast(device: torch.device) -> bool:
+    """bf16 + channels_last encodes a batch of 32 frames 3x faster than fp32 on a CPU with AMX
+    (1.7 vs 5.2 ms, `make bench`), but is 10-25x slower on one without native bf16."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_supports_fast_bf16())
+
+
+def encoder_copy(vae: ConvVAE, dtype: torch.dtype) -> ConvVAE:
+    """A channels_last copy of V in `dtype`, used only to encode: latents differ from fp32 by
+    about 1 % of their size, and every stage that acts (train, evaluate, play) uses the same."""
+    model = copy.deepcopy(vae).to(dtype=dtype)
+    return model.to(memory_format=torch.channels_last).eval()
 
 
 class Agent:
@@ -24,9 +40,13 @@ class Agent:
         crop: bool = True,
         z_only: bool = False,
         device: torch.device | str = "cpu",
+        bf16: bool | None = None,
     ):
         self.device = torch.device(device)
         self.vae = vae.to(self.device).eval()
+        self.bf16 = bf16_encoder_is_fast(self.device) if bf16 is None else bf16
+        self.dtype = torch.bfloat16 if self.bf16 else torch.float32
+        self.encoder = encoder_copy(self.vae, self.dtype)
         self.mdnrnn = mdnrnn.to(self.device).eval()
         self.crop = crop
         self.z_only = z_only
@@ -48,9 +68,11 @@ class Agent:
     def encode(self, frames: np.ndarray) -> torch.Tensor:
         """Raw (N,96,96,3) frames → latent means (N, z_dim): μ, not a sample, so acting is
         deterministic given the frame."""
-        small = preprocess_frames(frames, crop=self.crop)
-        mu, _ = self.vae.encode(frames_to_tensor(small, self.device))
-        return mu
+        small = torch.from_numpy(preprocess_frames(frames, crop=self.crop)).to(self.device)
+        # NHWC uint8 permuted is already channels_last in memory: no copy before the cast.
+        x = small.permute(0, 3, 1, 2).to(self.dtype).mul_(1.0 / 255.0)
+        mu, _ = self.encoder.encode(x)
+        return mu.float()
 
     @torch.inference_mode()
     def act(

@@ -174,6 +174,46 @@ def collect_gymnasium(cfg: BenchConfig) -> dict:
     return _collect("gymnasium", max(procs, cfg.gymnasium_steps // max_steps), max_steps, 2 * procs)
 
 
+_RSS_CHILD = """
+import resource, sys
+from worldmodels.cli import main
+code = main(sys.argv[1:])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+sys.exit(code)
+"""
+
+
+def _collect_peak_rss_mb(episodes: int, max_steps: int) -> float:
+    """Peak RSS of a `worldmodels collect` of its own process, in MB (Linux reports KiB)."""
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["collect", "--run-dir", tmp, "--episodes", str(episodes)]
+        args += ["--max-steps", str(max_steps)]
+        env = {**os.environ, "WORLDMODELS_PROGRESS": "0"}
+        out = subprocess.run(
+            [sys.executable, "-c", _RSS_CHILD, *args],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def collect_peak_rss(cfg: BenchConfig) -> dict:
+    """Memory stays flat in the number of episodes: episodes stream to disk wave by wave."""
+    max_steps = 100
+    small, large = _collect_peak_rss_mb(50, max_steps), _collect_peak_rss_mb(400, max_steps)
+    return {
+        "episodes_50_mb": small,
+        "episodes_400_mb": large,
+        "difference_mb": large - small,
+        "max_steps": max_steps,
+    }
+
+
 def mdnrnn_train(cfg: BenchConfig) -> dict:
     """M training: full-size MDN-RNN (z 32, LSTM 256, 5 Gaussians), 64 episodes walked in
     32-step chunks (truncated BPTT), forward + backward + Adam, through the stage's own code."""
@@ -353,6 +393,7 @@ MEASUREMENTS = {
     "dream_batch1024": dream_batch1024,
     "vae_train": vae_train,
     "vae_encode": vae_encode,
+    "collect_peak_rss": collect_peak_rss,
 }
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-POLICIES = ("random", "brownian")
+POLICIES = ("random", "brownian", "road")
 
 
 class RandomPolicy:
@@ -20,7 +20,7 @@ class RandomPolicy:
     def __init__(self, seeds: Sequence[int]):
         self.rngs = [np.random.default_rng([int(s), 1]) for s in seeds]
 
-    def act(self) -> np.ndarray:
+    def act(self, frames: np.ndarray | None = None) -> np.ndarray:
         draws = np.stack([rng.random(3) for rng in self.rngs]).astype(np.float32)
         steer = draws[:, 0] * 2 - 1
         gas = 0.3 + 0.7 * draws[:, 1]
@@ -40,11 +40,51 @@ class BrownianPolicy:
         self.scale = np.sqrt(dt) * np.array([1.5, 1.0, 1.0], dtype=np.float32)
         self.state = np.tile(np.array([0.0, 0.6, -0.5], dtype=np.float32), (len(seeds), 1))
 
-    def act(self) -> np.ndarray:
+    def act(self, frames: np.ndarray | None = None) -> np.ndarray:
         noise = np.stack([rng.standard_normal(3) for rng in self.rngs]).astype(np.float32)
         self.state = np.clip(self.state + noise * self.scale, [-1, -0.2, -1], [1, 1, 1])
         # brake walks below zero most of the time: it only bites on the positive part
         return np.clip(self.state, [-1, 0, 0], [1, 1, 1]).astype(np.float32)
+
+
+AHEAD_ROWS = slice(40, 66)  # the strip of the 96x96 frame just in front of the car
+CAR_COLUMN = 48  # the car sits at the horizontal centre; the camera turns with it
+
+
+def road_heading(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where the road is ahead: (offset in [-1, 1] of its centre from the car's column, whether
+    any road is in view). Road is grey (R = G = B); grass is green and kerbs red or white."""
+    band = frames[:, AHEAD_ROWS].astype(np.int16)
+    r, g, b = band[..., 0], band[..., 1], band[..., 2]
+    road = (np.abs(r - g) < 20) & (np.abs(g - b) < 20) & (r > 60) & (r < 160)
+    per_column = road.sum(axis=1)  # (N, 96)
+    seen = per_column.sum(axis=1)
+    centre = (per_column * np.arange(frames.shape[2])).sum(axis=1) / np.maximum(seen, 1)
+    return (centre - CAR_COLUMN) / CAR_COLUMN, seen > 0
+
+
+class RoadPolicy:
+    """A clumsy road follower: steers toward the road ahead, blended per episode with the
+    brownian walk (from 20 % to 80 % noise), at a gas level drawn per episode.
+
+    Random actions leave the track within seconds, so V and M would learn mostly grass; this
+    policy covers what a good driver sees (road, curves, kerbs, speed) and still drifts off and
+    back often enough to show recoveries."""
+
+    def __init__(self, seeds: Sequence[int]):
+        self.noise = BrownianPolicy(seeds)
+        draws = np.array([np.random.default_rng([int(s), 3]).random(2) for s in seeds])
+        self.follow = (0.2 + 0.6 * draws[:, 0]).astype(np.float32)[:, None]
+        self.gas = (0.1 + 0.4 * draws[:, 1]).astype(np.float32)
+
+    def act(self, frames: np.ndarray | None = None) -> np.ndarray:
+        noise = self.noise.act()
+        if frames is None:
+            return noise
+        offset, seen = road_heading(frames)
+        steer = np.where(seen, np.clip(3.0 * offset, -1, 1), noise[:, 0])
+        driver = np.stack([steer, self.gas, np.zeros_like(self.gas)], axis=1)
+        return (self.follow * driver + (1 - self.follow) * noise).astype(np.float32)
 
 
 def make_policy(name: str, seeds: Sequence[int]):
@@ -52,4 +92,6 @@ def make_policy(name: str, seeds: Sequence[int]):
         return RandomPolicy(seeds)
     if name == "brownian":
         return BrownianPolicy(seeds)
+    if name == "road":
+        return RoadPolicy(seeds)
     raise ValueError(f"unknown policy {name!r}")

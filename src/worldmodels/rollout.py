@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from worldmodels.agent import Agent
-from worldmodels.envs import BatchedEnv, StepResult
+from worldmodels.envs import BatchedEnv, Stepped
 
 TIME_PENALTY = 0.1  # CarRacing charges 0.1 per frame
 
@@ -29,14 +29,16 @@ def run_episodes(
     params: torch.Tensor,
     seeds: Sequence[int],
     early_stop: int = 0,
-    on_step: Callable[[StepResult, np.ndarray], None] | None = None,
+    on_step: Callable[[Stepped], None] | None = None,
 ) -> RolloutResult:
     """Play one episode per slot, slot i with controller `params[i]` on track `seeds[i]`.
 
+    Slots are served as their steps come back (`env.recv`): with Gymnasium's worker processes a
+    worker that finishes first gets its next actions at once instead of waiting for the slowest.
     `early_stop` > 0 stops an episode after that many consecutive steps without a positive
     reward (the car is off the track or stuck) and charges it honestly: the 0.1 a frame it
     would at least have lost for every remaining step, as if it never found a tile again.
-    `on_step(result, actions)` sees every step (GIFs, the live window).
+    `on_step(stepped)` sees every step (GIFs, the live window, progress bars).
     """
     n = env.num_envs
     obs = env.reset(seeds)
@@ -44,22 +46,25 @@ def run_episodes(
     returns = np.zeros(n)
     since_reward = np.zeros(n, dtype=np.int64)
     stopped = np.zeros(n, dtype=bool)
-    actions = np.zeros((n, 3), np.float32)
     simulated = 0
-    while not env.done:
-        ids = np.flatnonzero(env.active)
-        actions[ids] = agent.act(obs[ids], params[ids], ids)
-        result = env.step(actions)
+    ids = np.arange(n)
+    env.send(ids, agent.act(obs, params, ids))
+    while env.in_flight.any():
+        got = env.recv()
+        ids = got.ids
         simulated += len(ids)
-        obs = result.obs
-        returns += result.reward
+        returns[ids] += got.reward
         if on_step is not None:
-            on_step(result, actions)
+            on_step(got)
         if early_stop > 0:
-            since_reward[ids] = np.where(result.reward[ids] > 0, 0, since_reward[ids] + 1)
-            hopeless = env.active & (since_reward >= early_stop)
-            if hopeless.any():
+            since_reward[ids] = np.where(got.reward > 0, 0, since_reward[ids] + 1)
+            hopeless = ids[env.active[ids] & (since_reward[ids] >= early_stop)]
+            if len(hopeless):
                 returns[hopeless] -= TIME_PENALTY * (env.max_steps - env.steps[hopeless])
-                stopped |= hopeless
-                env.stop(hopeless)
+                stopped[hopeless] = True
+                env.stop(np.isin(np.arange(n), hopeless))
+        playing = env.active[ids]
+        if playing.any():
+            live = ids[playing]
+            env.send(live, agent.act(got.obs[playing], params[live], live))
     return RolloutResult(returns, env.steps.copy(), env.terminated.copy(), stopped, simulated)

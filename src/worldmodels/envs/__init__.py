@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from worldmodels.envs.base import MAX_EPISODE_STEPS, BatchedEnv, StepResult
+from worldmodels.envs.base import MAX_EPISODE_STEPS, BatchedEnv, Stepped, StepResult
 from worldmodels.envs.preprocess import CROP_ROWS, FRAME_SIZE, preprocess_frames
 from worldmodels.errors import UserError
 
@@ -38,6 +38,7 @@ __all__ = [
     "MAX_EPISODE_STEPS",
     "BatchedEnv",
     "StepResult",
+    "Stepped",
     "default_workers",
     "make_env",
     "preprocess_frames",

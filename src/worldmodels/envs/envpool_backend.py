@@ -51,7 +51,10 @@ class EnvPoolEnv(BatchedEnv):
             obs, reward, terminated, _, info = self._pool.step(actions)
         else:
             obs, reward, terminated, _, info = self._pool.step(actions, ids.astype(np.int32))
-        order = np.argsort(info["env_id"])  # rows may come back in any env order; ids is sorted
+        env_id = info["env_id"]
+        if np.all(env_id[1:] > env_id[:-1]):  # the usual case: rows already in slot order
+            return obs, reward.astype(np.float32), terminated.astype(bool)
+        order = np.argsort(env_id)  # rows may come back in any env order; ids is sorted
         return obs[order], reward[order].astype(np.float32), terminated[order].astype(bool)
 
     def close(self) -> None:

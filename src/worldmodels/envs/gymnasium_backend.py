@@ -11,7 +11,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import warnings
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 
 import numpy as np
 
@@ -95,6 +95,7 @@ class GymnasiumEnv(BatchedEnv):
         self._blocks = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
         ctx = mp.get_context("spawn")  # no forked torch/OpenMP state in the workers
         self._conns: list[Connection] = []
+        self._waiting: dict[int, np.ndarray] = {}  # worker -> slots it is stepping
         self._procs = []
         for block in self._blocks:
             parent, child = ctx.Pipe()
@@ -107,21 +108,36 @@ class GymnasiumEnv(BatchedEnv):
     def _reset(self, seeds: list[int]) -> np.ndarray:
         if self._local is not None:
             return self._local.reset(seeds)
+        for w in list(self._waiting):  # an abandoned step's answer must not pass for the reset's
+            self._conns[w].recv()
+            del self._waiting[w]
         for conn, block in zip(self._conns, self._blocks):
             conn.send(("reset", [seeds[i] for i in block]))
         return np.concatenate([conn.recv() for conn in self._conns])
 
     def _step(self, ids: np.ndarray, actions: np.ndarray):
+        return self._local.step(list(ids), actions)
+
+    def _send(self, ids: np.ndarray, actions: np.ndarray) -> None:
+        """Each worker gets its share of `ids` and starts stepping them at once."""
         if self._local is not None:
-            return self._local.step(list(ids), actions)
-        busy = []
+            return super()._send(ids, actions)
         for w, (conn, block) in enumerate(zip(self._conns, self._blocks)):
             mine = (ids >= block.start) & (ids < block.stop)
             if mine.any():
+                if w in self._waiting:
+                    raise ValueError(f"worker {w} already has a step in flight")
                 conn.send(("step", (list(ids[mine] - block.start), actions[mine])))
-                busy.append(w)
-        parts = [self._conns[w].recv() for w in busy]  # blocks are in slot order, as ids are
-        return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
+                self._waiting[w] = ids[mine]
+
+    def _recv(self):
+        """The block of whichever busy worker finishes first."""
+        if self._local is not None:
+            return super()._recv()
+        ready = wait([self._conns[w] for w in self._waiting])
+        w = self._conns.index(ready[0])
+        obs, reward, terminated = self._conns[w].recv()
+        return self._waiting.pop(w), obs, reward, terminated
 
     def close(self) -> None:
         if self._local is not None:

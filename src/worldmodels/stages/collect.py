@@ -50,7 +50,9 @@ class CollectConfig:
         "envpool", "env backend: envpool (fast C++) or gymnasium (official)", BACKENDS
     )
     policy: str = option(
-        "brownian", "exploration policy: brownian (smooth) or random (i.i.d.)", POLICIES
+        "road",
+        "exploration policy: road (a noisy road follower), brownian (smooth random) or random",
+        POLICIES,
     )
     seed: int = option(0, "track seed of episode 0")
     envs: int = option(16, "env slots stepped together in one wave")
@@ -162,13 +164,15 @@ def _play_wave(env, cfg: CollectConfig, indices: list[int], writer: _EpisodeWrit
     obs = np.empty((n, cfg.max_steps + 1, 64, 64, 3), np.uint8)
     actions = np.zeros((n, cfg.max_steps, 3), np.float32)
     rewards = np.zeros((n, cfg.max_steps), np.float32)
-    obs[:, 0] = preprocess_frames(env.reset(seeds), crop=cfg.crop)
+    frames = env.reset(seeds)
+    obs[:, 0] = preprocess_frames(frames, crop=cfg.crop)
     written = np.zeros(n, bool)
     while not env.done:
         playing = env.active.copy()
         t = env.steps.copy()
-        act = policy.act()
+        act = policy.act(frames)
         result = env.step(act)
+        frames = result.obs
         rows = np.flatnonzero(playing)
         actions[rows, t[rows]] = act[rows]
         rewards[rows, t[rows]] = result.reward[rows]

@@ -84,7 +84,9 @@ def record_episode(agent, params: torch.Tensor, seed: int, cfg: EvaluateConfig) 
     """Replay one track in-process (the agent is deterministic, so it is the same episode)."""
     frames: list[np.ndarray] = []
     with make_env(cfg.env, 1, cfg.max_steps, workers=0) as env:
-        run_episodes(env, agent, params[None], [seed], on_step=lambda r, a: frames.append(r.obs[0]))
+        run_episodes(
+            env, agent, params[None], [seed], on_step=lambda got: frames.append(got.obs[0])
+        )
     return frames
 
 
@@ -103,7 +105,7 @@ def run(cfg: EvaluateConfig) -> Path:
     with make_env(cfg.env, cfg.episodes, cfg.max_steps, default_workers(cfg.workers)) as env:
         batch = params.repeat(cfg.episodes, 1)
         result = run_episodes(
-            env, agent, batch, seeds, on_step=lambda r, a: bar.update(int(env.active.sum()))
+            env, agent, batch, seeds, on_step=lambda got: bar.update(len(got.ids))
         )
     wall = time.perf_counter() - started
     bar.close()

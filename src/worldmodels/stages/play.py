@@ -83,13 +83,13 @@ def run(cfg: PlayConfig) -> None:
                 seed = cfg.seed + k
                 total = [0.0]
 
-                def show(result, actions, seed=seed, total=total):
-                    total[0] += float(result.reward[0])
+                def show(got, seed=seed, total=total):
+                    total[0] += float(got.reward[0])
                     with torch.inference_mode():
-                        recon = agent.vae.decode(agent.encode(result.obs[:1]))[0]
+                        recon = agent.vae.decode(agent.encode(got.obs[:1]))[0]
                     recon = (recon.permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
                     text = f"seed {seed}  step {int(env.steps[0])}  return {total[0]:7.1f}"
-                    window.draw(result.obs[0], recon, text)
+                    window.draw(got.obs[0], recon, text)
                     if window.closed:
                         env.stop(np.ones(1, bool))
 

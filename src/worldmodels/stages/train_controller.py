@@ -20,14 +20,15 @@ import torch
 from worldmodels.agent import Agent
 from worldmodels.checkpoint import save_model
 from worldmodels.config import load_config, option, save_config
-from worldmodels.envs import BACKENDS, MAX_EPISODE_STEPS, default_workers, make_env
+from worldmodels.envs import BACKENDS, MAX_EPISODE_STEPS
 from worldmodels.errors import MissingStageError, UserError
+from worldmodels.evaluators import BACKENDS as EVALUATOR_BACKENDS
+from worldmodels.evaluators import EpisodeSettings, LocalEvaluator, RayEvaluator, make_evaluator
 from worldmodels.io import atomic_write_bytes
 from worldmodels.layout import RunDir, writable_dir
 from worldmodels.metrics import MetricsLog
 from worldmodels.models import LinearController, controller_param_count
 from worldmodels.progress import log, progress_bar
-from worldmodels.rollout import run_episodes
 
 ES_STATE = "es_state.pkl"
 TRAIN_SEED_BASE = 100_000  # tracks for training: far from collection (0…) and evaluation (1e6…)
@@ -48,6 +49,16 @@ class TrainControllerConfig:
     early_stop: int = option(100, "stop an episode after this many steps without reward (0 = off)")
     env: str = option("envpool", "env backend for training episodes", BACKENDS)
     workers: int = option(0, "envpool threads or gymnasium processes (0 = one per core)")
+    backend: str = option(
+        "local",
+        "where a generation's episodes run: one env pool in this process, or Ray tasks",
+        EVALUATOR_BACKENDS,
+    )
+    ray_address: str = option(
+        "", "Ray cluster to join (e.g. auto or ray://host:10001); empty = start a local Ray"
+    )
+    ray_chunks: int = option(0, "Ray tasks per generation (0 = one per ray-cpus-per-task CPUs)")
+    ray_cpus_per_task: int = option(1, "CPUs per Ray task (its env threads and torch threads)")
     z_only: bool = option(False, "controller sees z only, not the memory h (the paper's ablation)")
     seed: int = option(0, "CMA-ES seed; training tracks are 100000 + generation*rollouts + r")
     check_every: int = option(
@@ -65,6 +76,8 @@ class TrainControllerConfig:
             raise UserError(f"--max-steps must be in 1..{MAX_EPISODE_STEPS}")
         if self.sigma0 <= 0:
             raise UserError("--sigma0 must be > 0")
+        if self.ray_chunks < 0 or self.ray_cpus_per_task < 1:
+            raise UserError("need --ray-chunks >= 0 and --ray-cpus-per-task >= 1")
 
 
 def load_world_model(run_dir: Path, device: str = "cpu", z_only: bool = False) -> Agent:
@@ -98,13 +111,15 @@ def initial_stds(agent: Agent, h_sigma_scale: float) -> np.ndarray:
 
 
 def evaluate_candidates(
-    env, agent: Agent, candidates: np.ndarray, seeds: list[int], early_stop: int
+    evaluator: LocalEvaluator | RayEvaluator,
+    candidates: np.ndarray,
+    seeds: list[int],
+    early_stop: int,
 ) -> tuple[np.ndarray, int]:
     """Mean return per candidate over the same `seeds`; also the env steps simulated."""
     count, repeats = len(candidates), len(seeds)
-    params = torch.as_tensor(np.repeat(candidates, repeats, axis=0), dtype=torch.float32)
-    result = run_episodes(env, agent, params, seeds * count, early_stop=early_stop)
-    return result.returns.reshape(count, repeats).mean(axis=1), result.env_steps
+    played = evaluator.play(np.repeat(candidates, repeats, axis=0), seeds * count, early_stop)
+    return played.returns.reshape(count, repeats).mean(axis=1), played.env_steps
 
 
 def _save_state(folder: Path, state: dict) -> None:
@@ -138,11 +153,12 @@ def _new_state(cfg: TrainControllerConfig, agent: Agent) -> dict:
     return {"es": es, "generation": 0, "elapsed": 0.0, "best": (-np.inf, None), "np_random": None}
 
 
-def _check_mean(agent: Agent, mean: np.ndarray, cfg: TrainControllerConfig) -> tuple[float, float]:
-    seeds = [CHECK_SEED_BASE + i for i in range(cfg.check_episodes)]
-    with make_env(cfg.env, len(seeds), cfg.max_steps, default_workers(cfg.workers)) as env:
-        params = torch.as_tensor(np.tile(mean, (len(seeds), 1)), dtype=torch.float32)
-        returns = run_episodes(env, agent, params, seeds).returns
+def _check_mean(
+    evaluator: LocalEvaluator | RayEvaluator, mean: np.ndarray, episodes: int
+) -> tuple[float, float]:
+    """The CMA-ES mean on fixed held-out tracks, no early stop: the learning curve we trust."""
+    seeds = [CHECK_SEED_BASE + i for i in range(episodes)]
+    returns = evaluator.play(np.tile(mean, (len(seeds), 1)), seeds).returns
     return float(returns.mean()), float(returns.std())
 
 
@@ -166,8 +182,14 @@ def run(cfg: TrainControllerConfig) -> Path:
     metrics = MetricsLog(folder, resume_after=state["generation"] or None, key="generation")
 
     es = state["es"]
-    env = make_env(
-        cfg.env, cfg.population * cfg.rollouts, cfg.max_steps, default_workers(cfg.workers)
+    evaluator = make_evaluator(
+        cfg.backend,
+        agent,
+        EpisodeSettings(cfg.env, cfg.max_steps),
+        cfg.workers,
+        cfg.ray_address,
+        cfg.ray_chunks,
+        cfg.ray_cpus_per_task,
     )
     bar = progress_bar(cfg.generations, "train-controller", unit="gen", initial=state["generation"])
     try:
@@ -179,7 +201,7 @@ def run(cfg: TrainControllerConfig) -> Path:
             started = time.perf_counter()
             candidates = np.asarray(es.ask())
             seeds = [TRAIN_SEED_BASE + gen * cfg.rollouts + r for r in range(cfg.rollouts)]
-            fitness, env_steps = evaluate_candidates(env, agent, candidates, seeds, cfg.early_stop)
+            fitness, env_steps = evaluate_candidates(evaluator, candidates, seeds, cfg.early_stop)
             es.tell(list(candidates), (-fitness).tolist())
             wall = time.perf_counter() - started
 
@@ -196,7 +218,9 @@ def run(cfg: TrainControllerConfig) -> Path:
             }
             mean = np.asarray(es.mean)
             if cfg.check_every and (gen % cfg.check_every == 0 or gen == cfg.generations):
-                row["check_mean"], row["check_std"] = _check_mean(agent, mean, cfg)
+                row["check_mean"], row["check_std"] = _check_mean(
+                    evaluator, mean, cfg.check_episodes
+                )
             state["elapsed"] += time.perf_counter() - started
             state["generation"] = gen
             state["np_random"] = np.random.get_state()
@@ -217,7 +241,7 @@ def run(cfg: TrainControllerConfig) -> Path:
                 sps=f"{row['steps_per_s']:.0f}",
             )
     finally:
-        env.close()
+        evaluator.close()
         bar.close()
         metrics.close()
     return folder

@@ -1,0 +1,188 @@
+"""Where a batch of episodes runs: in this process, or spread over Ray tasks.
+
+Both evaluators answer the same question, `play(params, seeds)`: the return of controller
+`params[i]` on track `seeds[i]`, for every i. The local one runs every episode in one env pool so V
+and M run once per step for the whole batch. The Ray one cuts the batch into chunks; each chunk is
+a Ray task that rebuilds the agent from V and M in the object store (once per worker process) and
+plays its episodes the same way. Ray retries a task whose worker dies, so a generation survives.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from worldmodels.agent import Agent
+from worldmodels.envs import BatchedEnv, default_workers, make_env
+from worldmodels.errors import UserError
+from worldmodels.rollout import run_episodes
+
+BACKENDS = ("local", "ray")
+
+
+@dataclass
+class Played:
+    returns: np.ndarray  # (N,) one return per (params, seed) pair, in order
+    env_steps: int  # env steps simulated, for steps/s
+
+
+@dataclass
+class EpisodeSettings:
+    env: str  # env backend
+    max_steps: int
+
+
+class LocalEvaluator:
+    """All episodes as one batch in one env pool in this process (the default)."""
+
+    def __init__(self, agent: Agent, settings: EpisodeSettings, workers: int = 0):
+        self.agent = agent
+        self.settings = settings
+        self.workers = default_workers(workers)
+        self._envs: dict[int, BatchedEnv] = {}  # by batch size: gymnasium workers are slow to start
+
+    def play(self, params: np.ndarray, seeds: list[int], early_stop: int = 0) -> Played:
+        """Returns of `params[i]` on track `seeds[i]`; `early_stop` as in `run_episodes`."""
+        size = len(seeds)
+        if size not in self._envs:
+            self._envs[size] = make_env(
+                self.settings.env, size, self.settings.max_steps, self.workers
+            )
+        batch = torch.as_tensor(np.asarray(params), dtype=torch.float32)
+        result = run_episodes(self._envs[size], self.agent, batch, seeds, early_stop=early_stop)
+        return Played(result.returns, result.env_steps)
+
+    def close(self) -> None:
+        for env in self._envs.values():
+            env.close()
+        self._envs = {}
+
+
+# --- Ray --------------------------------------------------------------------------------------
+
+_AGENTS: dict[str, Agent] = {}  # per Ray worker process: agents already rebuilt, by key
+
+
+def _worker_agent(key: str, world_model: dict) -> Agent:
+    """The agent of `world_model`, built once per worker process and reused by later tasks."""
+    if key not in _AGENTS:
+        _AGENTS.clear()  # a new run's models replace the old ones
+        _AGENTS[key] = Agent(**world_model)
+    return _AGENTS[key]
+
+
+def _threads_of_this_task() -> int:
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    return max(1, int(cpus))
+
+
+def play_chunk(
+    key: str,
+    world_model: dict,
+    settings: EpisodeSettings,
+    params: np.ndarray,
+    seeds: list[int],
+    early_stop: int,
+) -> tuple[np.ndarray, int]:
+    """The body of one Ray task: play `seeds` with `params` on this worker's CPUs."""
+    threads = _threads_of_this_task()
+    torch.set_num_threads(threads)  # two tasks on two cores must not each take both
+    agent = _worker_agent(key, world_model)
+    evaluator = LocalEvaluator(agent, settings, workers=threads)
+    try:
+        played = evaluator.play(params, seeds, early_stop)
+    finally:
+        evaluator.close()
+    return played.returns, played.env_steps
+
+
+class RayEvaluator:
+    """Chunks of the batch as Ray tasks, on a local Ray instance or a cluster (`address`).
+
+    V and M go to the object store once; each task gets `cpus_per_task` CPUs and uses them all
+    for its env pool and its torch threads. A task whose worker dies is retried up to
+    `max_retries` times, so a killed worker costs time but not the generation.
+    """
+
+    def __init__(
+        self,
+        agent: Agent,
+        settings: EpisodeSettings,
+        address: str | None = None,
+        chunks: int = 0,
+        cpus_per_task: int = 1,
+        max_retries: int = 3,
+    ):
+        ray = import_ray()
+        if not ray.is_initialized():
+            ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+        self.settings = settings
+        self.chunks = chunks or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus_per_task)
+        self._key = uuid.uuid4().hex
+        self._world_model = ray.put(
+            {
+                "vae": copy.deepcopy(agent.vae).cpu(),
+                "mdnrnn": copy.deepcopy(agent.mdnrnn).cpu(),
+                "crop": agent.crop,
+                "z_only": agent.z_only,
+                "bf16": agent.bf16,
+            }
+        )
+        self._task = ray.remote(num_cpus=cpus_per_task, max_retries=max_retries)(play_chunk)
+
+    def play(self, params: np.ndarray, seeds: list[int], early_stop: int = 0) -> Played:
+        import ray
+
+        params = np.asarray(params)
+        bounds = np.linspace(0, len(seeds), min(self.chunks, len(seeds)) + 1).astype(int)
+        futures = [
+            self._task.remote(
+                self._key,
+                self._world_model,
+                self.settings,
+                params[a:b],
+                list(seeds[a:b]),
+                early_stop,
+            )
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
+        parts = ray.get(futures)
+        returns = np.concatenate([part[0] for part in parts])
+        return Played(returns, int(sum(part[1] for part in parts)))
+
+    def close(self) -> None:
+        pass  # the Ray instance belongs to the process (or the cluster), not to one evaluator
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UserError(
+            "--backend ray needs Ray: `pip install ray` (or use --backend local)"
+        ) from None
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    return ray
+
+
+def make_evaluator(
+    backend: str,
+    agent: Agent,
+    settings: EpisodeSettings,
+    workers: int = 0,
+    ray_address: str | None = None,
+    ray_chunks: int = 0,
+    ray_cpus_per_task: int = 1,
+) -> LocalEvaluator | RayEvaluator:
+    if backend == "local":
+        return LocalEvaluator(agent, settings, workers)
+    if backend == "ray":
+        return RayEvaluator(agent, settings, ray_address, ray_chunks, ray_cpus_per_task)
+    raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
