@@ -49,6 +49,32 @@ def test_same_seed_replays_the_same_episode(backend):
     assert not np.array_equal(first[1][0], first[1][1])
 
 
+def test_envpool_groups_served_as_ready_match_one_pool():
+    """Two pools stepped on their own threads, each served as soon as it is back, play exactly
+    the episodes of one pool stepped in lockstep."""
+    from worldmodels.envs.envpool_backend import EnvPoolEnv
+
+    seeds = [21, 22, 23, 24, 25]
+    with EnvPoolEnv(5, max_steps=30, groups=1) as env:
+        lockstep = play(env, seeds, 30)
+    with EnvPoolEnv(5, max_steps=30, groups=2) as env:
+        env.reset(seeds)
+        obs = np.zeros((5, 30, 96, 96, 3), np.uint8)
+        rewards, served = np.zeros((5, 30), np.float32), 0
+        env.send(np.arange(5), np.tile(GAS, (5, 1)))
+        while env.in_flight.any():
+            got = env.recv()
+            served += 1
+            t = env.steps[got.ids] - 1
+            obs[got.ids, t], rewards[got.ids, t] = got.obs, got.reward
+            live = got.ids[env.active[got.ids]]
+            if len(live):
+                env.send(live, np.tile(GAS, (len(live), 1)))
+    np.testing.assert_array_equal(obs, lockstep[0][:, 1:])
+    np.testing.assert_array_equal(rewards, lockstep[1])
+    assert served == 60  # each group came back on its own, 30 times
+
+
 def test_gymnasium_worker_processes_match_in_process():
     with make_env("gymnasium", 3, max_steps=20, workers=2) as env:
         spread = play(env, [1, 2, 3], 15)

@@ -73,7 +73,9 @@ def _full_size_agent():
 
     from worldmodels.agent import Agent
     from worldmodels.models import MDNRNN, ConvVAE
+    from worldmodels.runtime import use_acting_threads
 
+    use_acting_threads()  # as train-controller and evaluate do
     torch.manual_seed(0)
     return Agent(ConvVAE(), MDNRNN())
 

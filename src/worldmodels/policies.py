@@ -1,7 +1,8 @@
 """Exploration policies for collecting data, vectorised over env slots.
 
-Every slot draws from its own generator seeded by its episode's seed, so an episode is
-reproducible on its own, whichever wave or worker it ran in.
+Every slot draws from its own generator seeded by its episode's seed, and `act(frames, ids)`
+advances only the slots asked for, so an episode is reproducible on its own, whichever wave,
+worker or order of service it ran in.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ class RandomPolicy:
     def __init__(self, seeds: Sequence[int]):
         self.rngs = [np.random.default_rng([int(s), 1]) for s in seeds]
 
-    def act(self, frames: np.ndarray | None = None) -> np.ndarray:
-        draws = np.stack([rng.random(3) for rng in self.rngs]).astype(np.float32)
+    def act(self, frames: np.ndarray | None = None, ids: Sequence[int] | None = None) -> np.ndarray:
+        ids = range(len(self.rngs)) if ids is None else ids
+        draws = np.stack([self.rngs[i].random(3) for i in ids]).astype(np.float32)
         steer = draws[:, 0] * 2 - 1
         gas = 0.3 + 0.7 * draws[:, 1]
         brake = np.where(draws[:, 2] < 0.1, draws[:, 2], 0.0)
@@ -40,11 +42,12 @@ class BrownianPolicy:
         self.scale = np.sqrt(dt) * np.array([1.5, 1.0, 1.0], dtype=np.float32)
         self.state = np.tile(np.array([0.0, 0.6, -0.5], dtype=np.float32), (len(seeds), 1))
 
-    def act(self, frames: np.ndarray | None = None) -> np.ndarray:
-        noise = np.stack([rng.standard_normal(3) for rng in self.rngs]).astype(np.float32)
-        self.state = np.clip(self.state + noise * self.scale, [-1, -0.2, -1], [1, 1, 1])
+    def act(self, frames: np.ndarray | None = None, ids: Sequence[int] | None = None) -> np.ndarray:
+        ids = np.arange(len(self.rngs)) if ids is None else np.asarray(ids)
+        noise = np.stack([self.rngs[i].standard_normal(3) for i in ids]).astype(np.float32)
+        self.state[ids] = np.clip(self.state[ids] + noise * self.scale, [-1, -0.2, -1], [1, 1, 1])
         # brake walks below zero most of the time: it only bites on the positive part
-        return np.clip(self.state, [-1, 0, 0], [1, 1, 1]).astype(np.float32)
+        return np.clip(self.state[ids], [-1, 0, 0], [1, 1, 1]).astype(np.float32)
 
 
 AHEAD_ROWS = slice(40, 66)  # the strip of the 96x96 frame just in front of the car
@@ -77,14 +80,16 @@ class RoadPolicy:
         self.follow = (0.2 + 0.6 * draws[:, 0]).astype(np.float32)[:, None]
         self.gas = (0.1 + 0.4 * draws[:, 1]).astype(np.float32)
 
-    def act(self, frames: np.ndarray | None = None) -> np.ndarray:
-        noise = self.noise.act()
+    def act(self, frames: np.ndarray | None = None, ids: Sequence[int] | None = None) -> np.ndarray:
+        ids = np.arange(len(self.gas)) if ids is None else np.asarray(ids)
+        noise = self.noise.act(None, ids)
         if frames is None:
             return noise
         offset, seen = road_heading(frames)
         steer = np.where(seen, np.clip(3.0 * offset, -1, 1), noise[:, 0])
-        driver = np.stack([steer, self.gas, np.zeros_like(self.gas)], axis=1)
-        return (self.follow * driver + (1 - self.follow) * noise).astype(np.float32)
+        driver = np.stack([steer, self.gas[ids], np.zeros(len(ids), np.float32)], axis=1)
+        follow = self.follow[ids]
+        return (follow * driver + (1 - follow) * noise).astype(np.float32)
 
 
 def make_policy(name: str, seeds: Sequence[int]):

@@ -25,6 +25,7 @@ from worldmodels.layout import RunDir, writable_dir
 from worldmodels.models import LinearController
 from worldmodels.progress import log, progress_bar
 from worldmodels.rollout import run_episodes
+from worldmodels.runtime import use_acting_threads
 from worldmodels.stages.train_controller import load_world_model, require_controller
 from worldmodels.viz import save_gif
 
@@ -94,6 +95,7 @@ def run(cfg: EvaluateConfig) -> Path:
     cfg.validate()
     folder = writable_dir(RunDir(cfg.run_dir).eval)
     params, meta = load_controller_params(cfg.run_dir, cfg.controller)
+    use_acting_threads(cfg.device)
     agent = load_world_model(cfg.run_dir, cfg.device, z_only=bool(meta.get("z_only", False)))
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
     log(

@@ -107,7 +107,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "report": {},
     },
     "quick": {
-        "collect": {"episodes": 200, "max_steps": 1000, "policy": "road"},
+        "collect": {"episodes": 200, "max_steps": 1000, "policy": "brownian"},
         "vae": {"epochs": 2},
         "visualize": {},
         "encode": {},

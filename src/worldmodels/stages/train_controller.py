@@ -29,6 +29,7 @@ from worldmodels.layout import RunDir, writable_dir
 from worldmodels.metrics import MetricsLog
 from worldmodels.models import LinearController, controller_param_count
 from worldmodels.progress import log, progress_bar
+from worldmodels.runtime import use_acting_threads
 
 ES_STATE = "es_state.pkl"
 TRAIN_SEED_BASE = 100_000  # tracks for training: far from collection (0…) and evaluation (1e6…)
@@ -166,6 +167,8 @@ def run(cfg: TrainControllerConfig) -> Path:
     cfg.validate()
     layout = RunDir(cfg.run_dir)
     folder = writable_dir(layout.controller)
+    if cfg.backend == "local":
+        use_acting_threads(cfg.device)
     agent = load_world_model(cfg.run_dir, cfg.device, cfg.z_only)
 
     state = None if cfg.force else _load_state(folder)
