@@ -49,30 +49,47 @@ def test_same_seed_replays_the_same_episode(backend):
     assert not np.array_equal(first[1][0], first[1][1])
 
 
-def test_envpool_groups_served_as_ready_match_one_pool():
-    """Two pools stepped on their own threads, each served as soon as it is back, play exactly
-    the episodes of one pool stepped in lockstep."""
+def _serve_as_ready(env: BatchedEnv, seeds: list[int], steps: int, stop_at: dict[int, int]):
+    """Play with `send`/`recv`, each batch re-sent as soon as it is back; slot k is stopped
+    after `stop_at[k]` steps. Returns frames, rewards and how many batches came back."""
+    n = len(seeds)
+    env.reset(seeds)
+    obs = np.zeros((n, steps, 96, 96, 3), np.uint8)
+    rewards, served = np.zeros((n, steps), np.float32), 0
+    env.send(np.arange(n), np.tile(GAS, (n, 1)))
+    while env.in_flight.any():
+        got = env.recv()
+        served += 1
+        t = env.steps[got.ids] - 1
+        obs[got.ids, t], rewards[got.ids, t] = got.obs, got.reward
+        ending = [k for k, played in zip(got.ids, t + 1) if stop_at.get(k) == played]
+        env.stop(np.isin(np.arange(n), ending))
+        live = got.ids[env.active[got.ids]]
+        if len(live):
+            env.send(live, np.tile(GAS, (len(live), 1)))
+    return obs, rewards, served
+
+
+def test_envpool_served_as_ready_matches_lockstep():
+    """EnvPool's asynchronous mode (half the slots back at a time, in whatever order they
+    finish) plays exactly the episodes of lockstep stepping, also once most slots have
+    stopped and the finished ones step along as padding to fill EnvPool's batches."""
     from worldmodels.envs.envpool_backend import EnvPoolEnv
 
-    seeds = [21, 22, 23, 24, 25]
-    with EnvPoolEnv(5, max_steps=30, groups=1) as env:
-        lockstep = play(env, seeds, 30)
-    with EnvPoolEnv(5, max_steps=30, groups=2) as env:
-        env.reset(seeds)
-        obs = np.zeros((5, 30, 96, 96, 3), np.uint8)
-        rewards, served = np.zeros((5, 30), np.float32), 0
-        env.send(np.arange(5), np.tile(GAS, (5, 1)))
-        while env.in_flight.any():
-            got = env.recv()
-            served += 1
-            t = env.steps[got.ids] - 1
-            obs[got.ids, t], rewards[got.ids, t] = got.obs, got.reward
-            live = got.ids[env.active[got.ids]]
-            if len(live):
-                env.send(live, np.tile(GAS, (len(live), 1)))
-    np.testing.assert_array_equal(obs, lockstep[0][:, 1:])
-    np.testing.assert_array_equal(rewards, lockstep[1])
-    assert served == 60  # each group came back on its own, 30 times
+    seeds, steps = [21, 22, 23, 24, 25, 26], 30
+    with EnvPoolEnv(6, max_steps=steps, batch_size=6) as env:
+        lockstep = play(env, seeds, steps)
+    stop_at = {0: 5, 2: 9, 3: 9, 5: 12}  # from step 12 on, 2 slots play: fewer than a batch
+    with EnvPoolEnv(6, max_steps=steps) as env:
+        assert env.batch_size == 3
+        obs, rewards, served = _serve_as_ready(env, seeds, steps, stop_at)
+        assert list(env.steps) == [5, steps, 9, 9, steps, 12]
+    for k in range(6):
+        played = stop_at.get(k, steps)
+        np.testing.assert_array_equal(obs[k, :played], lockstep[0][k, 1 : played + 1])
+        np.testing.assert_array_equal(rewards[k, :played], lockstep[1][k, :played])
+        assert (rewards[k, played:] == 0).all()
+    assert served > steps  # batches came back on their own, not as one lockstep step
 
 
 def test_gymnasium_worker_processes_match_in_process():

@@ -62,6 +62,8 @@ def test_full_size_vae_shapes():
     assert x_hat.shape == (2, 3, 64, 64)
     assert mu.shape == (2, 32) and logvar.shape == (2, 32)
     assert vae.flat_dim == 1024
+    with torch.no_grad():
+        torch.testing.assert_close(vae.encode_mean(x), vae.encode(x)[0], atol=0, rtol=0)
 
 
 def test_tiny_vae_overfits_one_batch():
@@ -182,6 +184,13 @@ def test_mdnrnn_sequence_equals_step_by_step():
         torch.testing.assert_close(stepped, getattr(seq, name), atol=1e-5, rtol=0)
     torch.testing.assert_close(state[0], h_seq, atol=1e-5, rtol=0)
     torch.testing.assert_close(state[1], c_seq, atol=1e-5, rtol=0)
+    # the acting path (one fused cell, no head) walks the same memory
+    h, c = torch.zeros(b, 16), torch.zeros(b, 16)
+    with torch.no_grad():
+        for i in range(t):
+            h, c = model.advance(z[:, i], a[:, i], h, c)
+    torch.testing.assert_close(h, h_seq[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(c, c_seq[0], atol=1e-5, rtol=0)
     assert torch.allclose(seq.logpi.exp().sum(dim=-2), torch.ones(b, t, 8), atol=1e-5)
 
 

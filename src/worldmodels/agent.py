@@ -71,8 +71,7 @@ class Agent:
         small = torch.from_numpy(preprocess_frames(frames, crop=self.crop)).to(self.device)
         # NHWC uint8 permuted is already channels_last in memory: no copy before the cast.
         x = small.permute(0, 3, 1, 2).to(self.dtype).mul_(1.0 / 255.0)
-        mu, _ = self.encoder.encode(x)
-        return mu.float()
+        return self.encoder.encode_mean(x).float()
 
     @torch.inference_mode()
     def act(
@@ -88,10 +87,6 @@ class Agent:
         h, c = self.h[index], self.c[index]
         inputs = z if self.z_only else torch.cat([z, h], dim=1)
         actions = batched_controller_actions(params.to(self.device), inputs)
-        _, (h_next, c_next) = self.mdnrnn.lstm(
-            torch.cat([z, actions], dim=1).unsqueeze(1), (h.unsqueeze(0), c.unsqueeze(0))
-        )
-        self.h[index] = h_next[0]
-        self.c[index] = c_next[0]
+        self.h[index], self.c[index] = self.mdnrnn.advance(z, actions, h, c)
         self.last_z[index] = z
         return actions.cpu().numpy()

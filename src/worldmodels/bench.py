@@ -27,7 +27,15 @@ from worldmodels.progress import log
 class BenchConfig:
     json: bool = option(False, "print only the JSON document (no progress lines)")
     envpool_steps: int = option(20_000, "env steps for each envpool measurement")
-    gymnasium_steps: int = option(1_200, "env steps for each gymnasium measurement")
+    gymnasium_steps: int = option(1_200, "env steps of the gymnasium collect measurement")
+    eval_episodes: int = option(
+        100, "episodes of the agent on gymnasium, all at once as `evaluate` plays them"
+    )
+    eval_steps: int = option(
+        300,
+        "steps per episode of bare gymnasium and of the agent on it, from reset (an episode is "
+        "1000 steps; 300 keeps the bench short)",
+    )
     envs: int = option(16, "env slots for envpool measurements")
     only: str = option("", "comma-separated measurement names to run (default: all)")
 
@@ -100,48 +108,64 @@ def agent_envpool_pop64(cfg: BenchConfig) -> dict:
 
 
 def agent_gymnasium_eval(cfg: BenchConfig) -> dict:
-    """Official-env evaluation with the agent: one process per core, V batched across them."""
+    """Official-env evaluation with the agent, as `evaluate` runs it: every episode at once,
+    spread over one process per core, V and M batched over all of them in this process."""
     import torch
 
     from worldmodels.envs import make_env
     from worldmodels.models import controller_param_count
     from worldmodels.rollout import run_episodes
 
-    procs = os.cpu_count() or 1
-    episodes = 4 * procs
+    procs, episodes = os.cpu_count() or 1, cfg.eval_episodes
     agent = _full_size_agent()
     params = torch.randn(1, controller_param_count(agent.input_dim)).repeat(episodes, 1) * 0.1
-    max_steps = max(20, cfg.gymnasium_steps // episodes)
-    with make_env("gymnasium", episodes, max_steps, workers=procs) as env:
-        run_episodes(env, agent, params, list(range(episodes)))  # warm up the workers
+    with make_env("gymnasium", episodes, cfg.eval_steps, workers=procs) as env:
+        env.reset(list(range(episodes)))  # start the workers and import gymnasium in them
         start = time.perf_counter()
         result = run_episodes(env, agent, params, list(range(episodes)))
         wall = time.perf_counter() - start
-    return {"steps_per_s": result.env_steps / wall, "processes": procs, "episodes": episodes}
+    return {
+        "steps_per_s": result.env_steps / wall,
+        "processes": procs,
+        "episodes": episodes,
+        "max_steps": cfg.eval_steps,
+    }
 
 
-def _gym_worker(steps: int) -> float:
+def _gym_worker(seed: int, episodes: int, steps: int) -> tuple[float, int]:
+    """(seconds, steps) to play `episodes` episodes of `steps` random actions, each from reset (included,
+    as an evaluation pays it: it builds the track, and the first 50 frames zoom in on it)."""
     env = make_official_env()
-    env.reset(seed=0)
-    rng = np.random.default_rng(0)
-    start = time.perf_counter()
-    for _ in range(steps):
-        _, _, terminated, truncated, _ = env.step(_random_actions(rng, 1)[0])
-        if terminated or truncated:
-            env.reset()
-    return time.perf_counter() - start
+    env.reset(seed=seed + 1000)  # warm up: imports, first render
+    rng = np.random.default_rng(seed)
+    played, start = 0, time.perf_counter()
+    for episode in range(episodes):
+        env.reset(seed=seed + episode)
+        for _ in range(steps):
+            _, _, terminated, truncated, _ = env.step(_random_actions(rng, 1)[0])
+            played += 1
+            if terminated or truncated:
+                break
+    return time.perf_counter() - start, played
+
+
+BARE_EPISODES = 4  # per process: ~6 s of stepping, long enough to measure
 
 
 def bare_gymnasium(cfg: BenchConfig) -> dict:
-    """Official env alone, one process per core, each stepping its own env."""
+    """Official env alone, one process per core, each stepping one env: episodes of
+    `eval_steps` from reset, like the agent measurement's."""
     procs = os.cpu_count() or 1
-    per = cfg.gymnasium_steps // procs
+    jobs = [(seed * BARE_EPISODES, BARE_EPISODES, cfg.eval_steps) for seed in range(procs)]
     with mp.get_context("spawn").Pool(procs) as pool:
-        pool.map(_gym_worker, [10] * procs)  # warm up imports
-        start = time.perf_counter()
-        pool.map(_gym_worker, [per] * procs)
-        wall = time.perf_counter() - start
-    return {"steps_per_s": per * procs / wall, "processes": procs}
+        pool.starmap(_gym_worker, [(0, 1, 10)] * procs)  # start the processes, import gymnasium
+        walls, played = zip(*pool.starmap(_gym_worker, jobs))
+    return {
+        "steps_per_s": sum(played) / max(walls),
+        "processes": procs,
+        "episodes_per_process": BARE_EPISODES,
+        "max_steps": cfg.eval_steps,
+    }
 
 
 def _collect(env: str, episodes: int, max_steps: int, envs: int) -> dict:

@@ -39,7 +39,8 @@ class Stepped:
 
 
 class BatchedEnv(abc.ABC):
-    """N CarRacing-v3 slots stepped together; subclasses implement `_reset` and `_step`."""
+    """N CarRacing-v3 slots; subclasses implement `_reset`, and either `_step` (all requests
+    stepped at once) or `_send`/`_recv` (slots served as they come back)."""
 
     name: str = "base"
 
@@ -136,11 +137,11 @@ class BatchedEnv(abc.ABC):
     @abc.abstractmethod
     def _reset(self, seeds: list[int]) -> np.ndarray: ...
 
-    @abc.abstractmethod
     def _step(
         self, ids: np.ndarray, actions: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Step slots `ids`; return their (obs, reward, terminated-by-env)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _step nor _recv")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

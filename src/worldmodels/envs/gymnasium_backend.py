@@ -3,6 +3,9 @@
 It is render-bound (~98 % of a step is Python drawing a 1000×800 frame), so its slots are spread
 over worker processes; each worker owns a contiguous block of slots and steps only the ones still
 playing. `workers=0` keeps everything in this process (tests, debugging).
+
+A worker's slots are sent in two halves. While the caller runs the agent on one half's frames,
+the worker is already stepping the other half, queued in its pipe, so it never waits for us.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import warnings
+from collections import deque
 from multiprocessing.connection import Connection, wait
 
 import numpy as np
@@ -88,18 +92,24 @@ class GymnasiumEnv(BatchedEnv):
         self.workers = min(workers, num_envs)
         if self.workers == 0:
             self._local = _Slots(num_envs)
-            self._blocks = [range(num_envs)]
             return
         self._local = None
         bounds = np.linspace(0, num_envs, self.workers + 1).astype(int)
-        self._blocks = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        self._starts = bounds[:-1]
+        # each worker's slots in two halves (one if it has a single slot): (worker, slots)
+        self._halves = [
+            (w, half)
+            for w, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
+            for half in np.array_split(np.arange(a, b), min(2, b - a))
+        ]
         ctx = mp.get_context("spawn")  # no forked torch/OpenMP state in the workers
         self._conns: list[Connection] = []
-        self._waiting: dict[int, np.ndarray] = {}  # worker -> slots it is stepping
+        self._queued: list[deque] = [deque() for _ in range(self.workers)]  # (half, slots)
+        self._busy = np.zeros(len(self._halves), dtype=bool)
         self._procs = []
-        for block in self._blocks:
+        for a, b in zip(bounds[:-1], bounds[1:]):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, len(block)), daemon=True)
+            proc = ctx.Process(target=_worker, args=(child, b - a), daemon=True)
             proc.start()
             child.close()
             self._conns.append(parent)
@@ -108,36 +118,50 @@ class GymnasiumEnv(BatchedEnv):
     def _reset(self, seeds: list[int]) -> np.ndarray:
         if self._local is not None:
             return self._local.reset(seeds)
-        for w in list(self._waiting):  # an abandoned step's answer must not pass for the reset's
-            self._conns[w].recv()
-            del self._waiting[w]
-        for conn, block in zip(self._conns, self._blocks):
-            conn.send(("reset", [seeds[i] for i in block]))
+        for conn, queued in zip(self._conns, self._queued):
+            while queued:  # an abandoned step's answer must not pass for the reset's
+                conn.recv()
+                queued.popleft()
+        self._busy[:] = False
+        bounds = [*self._starts, self.num_envs]
+        for conn, a, b in zip(self._conns, bounds[:-1], bounds[1:]):
+            conn.send(("reset", seeds[a:b]))
         return np.concatenate([conn.recv() for conn in self._conns])
 
     def _step(self, ids: np.ndarray, actions: np.ndarray):
         return self._local.step(list(ids), actions)
 
     def _send(self, ids: np.ndarray, actions: np.ndarray) -> None:
-        """Each worker gets its share of `ids` and starts stepping them at once."""
+        """Each half of `ids` goes down its worker's pipe at once; a worker steps its requests
+        in the order they came."""
         if self._local is not None:
             return super()._send(ids, actions)
-        for w, (conn, block) in enumerate(zip(self._conns, self._blocks)):
-            mine = (ids >= block.start) & (ids < block.stop)
+        for k, (w, half) in enumerate(self._halves):
+            mine = (ids >= half[0]) & (ids <= half[-1])
             if mine.any():
-                if w in self._waiting:
-                    raise ValueError(f"worker {w} already has a step in flight")
-                conn.send(("step", (list(ids[mine] - block.start), actions[mine])))
-                self._waiting[w] = ids[mine]
+                if self._busy[k]:
+                    raise ValueError(f"slots {half[0]}..{half[-1]} already have a step in flight")
+                conn, start = self._conns[w], self._starts[w]
+                conn.send(("step", (list(ids[mine] - start), actions[mine])))
+                self._queued[w].append((k, ids[mine]))
+                self._busy[k] = True
 
     def _recv(self):
-        """The block of whichever busy worker finishes first."""
+        """Every answer already back, or else the first one to come: the caller then runs V
+        and M once on all of them, not once per half."""
         if self._local is not None:
             return super()._recv()
-        ready = wait([self._conns[w] for w in self._waiting])
-        w = self._conns.index(ready[0])
-        obs, reward, terminated = self._conns[w].recv()
-        return self._waiting.pop(w), obs, reward, terminated
+        busy = [conn for conn, queued in zip(self._conns, self._queued) if queued]
+        wait(busy)
+        parts = []
+        for conn, queued in zip(self._conns, self._queued):
+            while queued and conn.poll():
+                k, ids = queued.popleft()
+                self._busy[k] = False
+                parts.append((ids, *conn.recv()))
+        ids, obs, reward, terminated = (np.concatenate(p) for p in zip(*parts))
+        order = np.argsort(ids)
+        return ids[order], obs[order], reward[order], terminated[order]
 
     def close(self) -> None:
         if self._local is not None:

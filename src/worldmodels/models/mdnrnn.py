@@ -66,6 +66,18 @@ class MDNRNN(nn.Module):
         """One step: z (B, Z), action (B, A) -> (MDNOutput with T=1, new state)."""
         return self.forward(z.unsqueeze(1), action.unsqueeze(1), state)
 
+    def advance(
+        self, z: torch.Tensor, action: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One LSTM step, z (B, Z), action (B, A), h and c (B, H) -> next (h, c), without the
+        mixture head: what acting needs (the controller reads h only). The same weights as
+        `forward`; one fused cell is ~5× cheaper than `nn.LSTM` for a step of a small batch."""
+        lstm = self.lstm
+        x = torch.cat([z, action], dim=1)
+        return torch.lstm_cell(
+            x, (h, c), lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0
+        )
+
     def _split_head(self, out: torch.Tensor) -> MDNOutput:
         b, t, _ = out.shape
         kz = self.n_gaussians * self.z_dim

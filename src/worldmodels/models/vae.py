@@ -72,6 +72,10 @@ class ConvVAE(nn.Module):
         h = self.encoder(x)
         return self.mu(h), self.logvar(h)
 
+    def encode_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """μ only, as acting uses it (it never samples): skips the logvar layer."""
+        return self.mu(self.encoder(x))
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z: (N, z_dim) -> reconstruction (N, 3, 64, 64) in [0, 1]."""
         h = self.fc_dec(z).view(-1, self.flat_dim, 1, 1)
