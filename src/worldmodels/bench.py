@@ -200,11 +200,17 @@ def collect_gymnasium(cfg: BenchConfig) -> dict:
     return _collect("gymnasium", max(procs, cfg.gymnasium_steps // max_steps), max_steps, 2 * procs)
 
 
+# The child reports its own high-water mark: VmHWM belongs to the process's memory map, which
+# starts afresh at exec. (getrusage's ru_maxrss does not: Linux carries it over from the forked
+# parent, so it would report the bench's own size, whatever collect used.)
 _RSS_CHILD = """
-import resource, sys
+import re, resource, sys
+from pathlib import Path
 from worldmodels.cli import main
 code = main(sys.argv[1:])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+status = Path("/proc/self/status")
+hwm = re.search(r"VmHWM:\\s+(\\d+) kB", status.read_text()) if status.exists() else None
+print(hwm.group(1) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 sys.exit(code)
 """
 
