@@ -133,8 +133,9 @@ def agent_gymnasium_eval(cfg: BenchConfig) -> dict:
 
 
 def _gym_worker(seed: int, episodes: int, steps: int) -> tuple[float, int]:
-    """(seconds, steps) to play `episodes` episodes of `steps` random actions, each from reset (included,
-    as an evaluation pays it: it builds the track, and the first 50 frames zoom in on it)."""
+    """(seconds, steps) to play `episodes` episodes of `steps` random actions, each from reset
+    (included, as an evaluation pays it: it builds the track, and the first 50 frames zoom in
+    on it)."""
     env = make_official_env()
     env.reset(seed=seed + 1000)  # warm up: imports, first render
     rng = np.random.default_rng(seed)

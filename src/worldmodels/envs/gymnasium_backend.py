@@ -95,7 +95,7 @@ class GymnasiumEnv(BatchedEnv):
             return
         self._local = None
         bounds = np.linspace(0, num_envs, self.workers + 1).astype(int)
-        self._starts = bounds[:-1]
+        self._bounds = bounds  # worker w owns slots bounds[w] .. bounds[w+1]-1
         # each worker's slots in two halves (one if it has a single slot): (worker, slots)
         self._halves = [
             (w, half)
@@ -104,8 +104,7 @@ class GymnasiumEnv(BatchedEnv):
         ]
         ctx = mp.get_context("spawn")  # no forked torch/OpenMP state in the workers
         self._conns: list[Connection] = []
-        self._queued: list[deque] = [deque() for _ in range(self.workers)]  # (half, slots)
-        self._busy = np.zeros(len(self._halves), dtype=bool)
+        self._queued: list[deque] = [deque() for _ in range(self.workers)]  # slots per request
         self._procs = []
         for a, b in zip(bounds[:-1], bounds[1:]):
             parent, child = ctx.Pipe()
@@ -122,8 +121,7 @@ class GymnasiumEnv(BatchedEnv):
             while queued:  # an abandoned step's answer must not pass for the reset's
                 conn.recv()
                 queued.popleft()
-        self._busy[:] = False
-        bounds = [*self._starts, self.num_envs]
+        bounds = self._bounds
         for conn, a, b in zip(self._conns, bounds[:-1], bounds[1:]):
             conn.send(("reset", seeds[a:b]))
         return np.concatenate([conn.recv() for conn in self._conns])
@@ -133,18 +131,16 @@ class GymnasiumEnv(BatchedEnv):
 
     def _send(self, ids: np.ndarray, actions: np.ndarray) -> None:
         """Each half of `ids` goes down its worker's pipe at once; a worker steps its requests
-        in the order they came."""
+        in the order they came and answers in that order (`send` has checked that no slot is
+        in flight twice)."""
         if self._local is not None:
             return super()._send(ids, actions)
-        for k, (w, half) in enumerate(self._halves):
+        for w, half in self._halves:
             mine = (ids >= half[0]) & (ids <= half[-1])
             if mine.any():
-                if self._busy[k]:
-                    raise ValueError(f"slots {half[0]}..{half[-1]} already have a step in flight")
-                conn, start = self._conns[w], self._starts[w]
-                conn.send(("step", (list(ids[mine] - start), actions[mine])))
-                self._queued[w].append((k, ids[mine]))
-                self._busy[k] = True
+                local = list(ids[mine] - self._bounds[w])
+                self._conns[w].send(("step", (local, actions[mine])))
+                self._queued[w].append(ids[mine])
 
     def _recv(self):
         """Every answer already back, or else the first one to come: the caller then runs V
@@ -156,9 +152,7 @@ class GymnasiumEnv(BatchedEnv):
         parts = []
         for conn, queued in zip(self._conns, self._queued):
             while queued and conn.poll():
-                k, ids = queued.popleft()
-                self._busy[k] = False
-                parts.append((ids, *conn.recv()))
+                parts.append((queued.popleft(), *conn.recv()))
         ids, obs, reward, terminated = (np.concatenate(p) for p in zip(*parts))
         order = np.argsort(ids)
         return ids[order], obs[order], reward[order], terminated[order]
