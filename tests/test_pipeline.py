@@ -82,6 +82,10 @@ def test_smoke_run_writes_every_artifact(smoke_run):
     markdown = (smoke_run / "report.md").read_text()
     assert f"{report['mean']:.1f} ± {report['std']:.1f}" in markdown
     assert "| VAE: summed squared error per image (held-out) |" in markdown
+    kept = json.loads((layout.controller / "selection.json").read_text())
+    assert (
+        len(kept["finalists"]) == 2 and f"| mean of generation {kept['generation']}: " in markdown
+    )
     html = (smoke_run / "report.html").read_text()
     assert html.count("data:image/") >= 5  # curves, reconstructions, traversal, dream, GIF
 

@@ -69,6 +69,10 @@ def _plot_curves(layout: RunDir, out: Path) -> Path | None:
         checks = [(r["generation"], r["check_mean"]) for r in ctrl if "check_mean" in r]
         if checks:
             ax.plot(*zip(*checks), "o-", label="CMA-ES mean, held-out tracks")
+        kept = _json(layout.controller / "selection.json")
+        if kept and kept["generation"] in dict(checks):
+            gen = kept["generation"]
+            ax.plot([gen], [dict(checks)[gen]], "*", markersize=16, label="kept (final selection)")
         ax.set_xlabel("generation")
         ax.set_title("C: CMA-ES returns")
         ax.legend(fontsize=8)
@@ -105,6 +109,7 @@ def collect_figures(layout: RunDir) -> dict:
         "mdn_nll": mdn_last.get("val_nll"),
         "mdn_nll_sum": mdn_last.get("val_nll_sum"),
         "best_generation": max((r["best"] for r in ctrl), default=None),
+        "selection": _json(layout.controller / "selection.json"),
         "generations": len(ctrl),
         "eval": evaluation,
         "stages": run_meta.get("stages", {}),
@@ -140,12 +145,26 @@ def results_table(fig: dict) -> str:
             _fmt(fig["best_generation"]),
             REFERENCE["best_generation"],
         ),
+        ("Controller kept", _kept_cell(fig), "—"),
         ("Evaluation mean ± std", eval_cell, REFERENCE["eval"]),
         ("Fraction of tracks ≥ 900", _fmt(ev.get("fraction_solved"), 2) if ev else "—", "—"),
     ]
     lines = ["| figure | this run | reference |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
+
+
+def _kept_cell(fig: dict) -> str:
+    """Which CMA-ES mean was evaluated, and how it won the final selection."""
+    kept = fig["selection"]
+    if not kept:
+        return "the last CMA-ES mean" if fig["generations"] else "—"
+    won = next(f for f in kept["finalists"] if f["generation"] == kept["generation"])
+    return (
+        f"mean of generation {kept['generation']}: {won['select_mean']:.1f} ± "
+        f"{won['select_std']:.1f} on {kept['episodes']} held-out tracks, "
+        f"best of {len(kept['finalists'])} finalists"
+    )
 
 
 def _mean_of(rows: list[dict], key: str) -> float | None:

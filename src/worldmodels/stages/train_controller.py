@@ -3,12 +3,18 @@
 Each generation evaluates the whole population at once: pop × rollouts env slots, slot i driven
 by its own candidate, so V and M run once per step for everyone. Every candidate sees the same
 tracks (common random seeds, fresh each generation), so candidates are compared fairly. The
-agent we keep is the CMA-ES *mean*: a best single candidate, ranked on a couple of noisy tracks,
+agent we keep is a CMA-ES *mean*: a best single candidate, ranked on a couple of noisy tracks,
 scored far worse in calibration.
+
+Which mean: the mean wanders as training goes on (its held-out check swung between 520 and 860
+over the last 50 generations of one run), so the last one is a lottery ticket. Every checked mean
+is kept; at the end the few with the best checks play fresh held-out tracks, and the best of them
+on those tracks (which played no part in picking the finalists) is the agent.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 import time
 from dataclasses import dataclass
@@ -24,7 +30,7 @@ from worldmodels.envs import BACKENDS, MAX_EPISODE_STEPS
 from worldmodels.errors import MissingStageError, UserError
 from worldmodels.evaluators import BACKENDS as EVALUATOR_BACKENDS
 from worldmodels.evaluators import EpisodeSettings, LocalEvaluator, RayEvaluator, make_evaluator
-from worldmodels.io import atomic_write_bytes
+from worldmodels.io import atomic_write_bytes, atomic_write_text
 from worldmodels.layout import RunDir, writable_dir
 from worldmodels.metrics import MetricsLog
 from worldmodels.models import LinearController, controller_param_count
@@ -34,6 +40,8 @@ from worldmodels.runtime import use_acting_threads
 ES_STATE = "es_state.pkl"
 TRAIN_SEED_BASE = 100_000  # tracks for training: far from collection (0…) and evaluation (1e6…)
 CHECK_SEED_BASE = 500_000  # fixed held-out tracks for the periodic check of the mean
+SELECT_SEED_BASE = 600_000  # fresh held-out tracks for the final choice among checked means
+SELECTION = "selection.json"
 
 
 @dataclass
@@ -66,7 +74,15 @@ class TrainControllerConfig:
         5, "evaluate the CMA-ES mean on fixed held-out tracks every N generations (0 = never)"
     )
     check_episodes: int = option(8, "episodes of that periodic check")
-    time_budget_min: float = option(0.0, "stop after this many minutes of training (0 = no limit)")
+    select_top: int = option(
+        4,
+        "at the end, the N checked means with the best checks play fresh held-out tracks and the "
+        "best there is kept (0 = keep the last mean)",
+    )
+    select_episodes: int = option(24, "episodes per finalist in that final selection")
+    time_budget_min: float = option(
+        0.0, "stop after this many minutes, the final selection included (0 = no limit)"
+    )
     device: str = option("cpu", "torch device for V and M")
     force: bool = option(False, "start over, discarding the saved optimizer state")
 
@@ -79,6 +95,8 @@ class TrainControllerConfig:
             raise UserError("--sigma0 must be > 0")
         if self.ray_chunks < 0 or self.ray_cpus_per_task < 1:
             raise UserError("need --ray-chunks >= 0 and --ray-cpus-per-task >= 1")
+        if self.select_top < 0 or (self.select_top and self.select_episodes < 1):
+            raise UserError("need --select-top >= 0 and, with it, --select-episodes >= 1")
 
 
 def load_world_model(run_dir: Path, device: str = "cpu", z_only: bool = False) -> Agent:
@@ -151,7 +169,16 @@ def _new_state(cfg: TrainControllerConfig, agent: Agent) -> dict:
     stds = initial_stds(agent, cfg.h_sigma_scale)
     options = {"popsize": cfg.population, "seed": cfg.seed + 1, "CMA_stds": stds, "verbose": -9}
     es = cma.CMAEvolutionStrategy(np.zeros(len(stds)), cfg.sigma0, options)
-    return {"es": es, "generation": 0, "elapsed": 0.0, "best": (-np.inf, None), "np_random": None}
+    return {
+        "es": es,
+        "generation": 0,
+        "elapsed": 0.0,
+        "best": (-np.inf, None),
+        "np_random": None,
+        "checked": [],  # every checked mean: {"generation", "check_mean", "vector"}
+        "check_s_per_episode": 0.0,  # measured on the checks, to reserve time for the selection
+        "selected": False,
+    }
 
 
 def _check_mean(
@@ -161,6 +188,102 @@ def _check_mean(
     seeds = [CHECK_SEED_BASE + i for i in range(episodes)]
     returns = evaluator.play(np.tile(mean, (len(seeds), 1)), seeds).returns
     return float(returns.mean()), float(returns.std())
+
+
+def _out_of_time(cfg: TrainControllerConfig, state: dict) -> bool:
+    """Whether another generation would leave too little of the budget for the selection."""
+    if not cfg.time_budget_min:
+        return False
+    reserve = cfg.select_top * cfg.select_episodes * state["check_s_per_episode"]
+    return state["elapsed"] + reserve >= cfg.time_budget_min * 60
+
+
+def _generation(
+    cfg: TrainControllerConfig,
+    state: dict,
+    evaluator: LocalEvaluator | RayEvaluator,
+) -> dict:
+    """One CMA-ES step (ask, play the population, tell), then the periodic check; the metrics row."""
+    es = state["es"]
+    gen = state["generation"] + 1
+    started = time.perf_counter()
+    candidates = np.asarray(es.ask())
+    seeds = [TRAIN_SEED_BASE + gen * cfg.rollouts + r for r in range(cfg.rollouts)]
+    fitness, env_steps = evaluate_candidates(evaluator, candidates, seeds, cfg.early_stop)
+    es.tell(list(candidates), (-fitness).tolist())
+    wall = time.perf_counter() - started
+
+    if fitness.max() > state["best"][0]:
+        state["best"] = (float(fitness.max()), candidates[fitness.argmax()].copy())
+    row = {
+        "generation": gen,
+        "best": float(fitness.max()),
+        "mean": float(fitness.mean()),
+        "worst": float(fitness.min()),
+        "sigma": float(es.sigma),
+        "steps_per_s": env_steps / wall,
+        "seconds": wall,
+    }
+    if cfg.check_every and (gen % cfg.check_every == 0 or gen == cfg.generations):
+        mean = np.asarray(es.mean).copy()
+        check_started = time.perf_counter()
+        row["check_mean"], row["check_std"] = _check_mean(evaluator, mean, cfg.check_episodes)
+        state["check_s_per_episode"] = (time.perf_counter() - check_started) / cfg.check_episodes
+        state["checked"].append(
+            {"generation": gen, "check_mean": row["check_mean"], "vector": mean}
+        )
+    state["elapsed"] += time.perf_counter() - started
+    state["generation"] = gen
+    state["np_random"] = np.random.get_state()
+    state["selected"] = False  # a new generation may hold a better mean
+    return row
+
+
+def _select(
+    cfg: TrainControllerConfig, state: dict, evaluator: LocalEvaluator | RayEvaluator
+) -> dict:
+    """The checked mean that plays best on fresh held-out tracks, among those with the best checks.
+
+    The finalists are ranked by tracks that played no part in picking them, so the winner's
+    score is not inflated by the luck that made it a finalist.
+    """
+    started = time.perf_counter()
+    ranked = sorted(state["checked"], key=lambda c: c["check_mean"], reverse=True)
+    finalists = ranked[: cfg.select_top]
+    seeds = [SELECT_SEED_BASE + i for i in range(cfg.select_episodes)]
+    vectors = np.stack([f["vector"] for f in finalists])
+    returns = evaluator.play(np.repeat(vectors, len(seeds), axis=0), seeds * len(finalists))
+    scores = returns.returns.reshape(len(finalists), len(seeds))
+    winner = int(scores.mean(axis=1).argmax())
+    state["elapsed"] += time.perf_counter() - started
+    return {
+        "generation": finalists[winner]["generation"],
+        "episodes": len(seeds),
+        "seeds": [seeds[0], seeds[-1]],
+        "finalists": [
+            {
+                "generation": f["generation"],
+                "check_mean": f["check_mean"],
+                "select_mean": float(score.mean()),
+                "select_std": float(score.std()),
+            }
+            for f, score in zip(finalists, scores)
+        ],
+        "vector": finalists[winner]["vector"],
+    }
+
+
+def _save_selection(folder: Path, choice: dict, agent: Agent) -> None:
+    summary = {k: v for k, v in choice.items() if k != "vector"}
+    save_controller(folder, choice["vector"], agent, {"generation": choice["generation"]})
+    atomic_write_text(folder / SELECTION, json.dumps(summary, indent=2) + "\n")
+    best = max(summary["finalists"], key=lambda f: f["select_mean"])
+    log(
+        f"train-controller: kept the mean of generation {choice['generation']}: "
+        f"{best['select_mean']:.0f} ± {best['select_std']:.0f} on {choice['episodes']} "
+        f"fresh held-out tracks (finalists: generations "
+        f"{', '.join(str(f['generation']) for f in summary['finalists'])})"
+    )
 
 
 def run(cfg: TrainControllerConfig) -> Path:
@@ -176,7 +299,11 @@ def run(cfg: TrainControllerConfig) -> Path:
         state = _new_state(cfg, agent)
     else:
         np.random.set_state(state["np_random"])  # pycma samples from numpy's global RNG
-    if state["generation"] >= cfg.generations:
+        for key, value in (("checked", []), ("check_s_per_episode", 0.0), ("selected", False)):
+            state.setdefault(key, value)  # a state saved before selection existed
+    done = state["generation"] >= cfg.generations or _out_of_time(cfg, state)
+    wants_selection = bool(cfg.select_top and not state["selected"] and state["checked"])
+    if done and not wants_selection:
         log(f"train-controller: {state['generation']} generations already done in {folder}")
         return folder
     if state["generation"]:
@@ -184,7 +311,6 @@ def run(cfg: TrainControllerConfig) -> Path:
     save_config(cfg, folder / "config.json")
     metrics = MetricsLog(folder, resume_after=state["generation"] or None, key="generation")
 
-    es = state["es"]
     evaluator = make_evaluator(
         cfg.backend,
         agent,
@@ -197,43 +323,15 @@ def run(cfg: TrainControllerConfig) -> Path:
     bar = progress_bar(cfg.generations, "train-controller", unit="gen", initial=state["generation"])
     try:
         while state["generation"] < cfg.generations:
-            if cfg.time_budget_min and state["elapsed"] >= cfg.time_budget_min * 60:
+            if _out_of_time(cfg, state):
                 log(f"train-controller: time budget of {cfg.time_budget_min} min reached")
                 break
-            gen = state["generation"] + 1
-            started = time.perf_counter()
-            candidates = np.asarray(es.ask())
-            seeds = [TRAIN_SEED_BASE + gen * cfg.rollouts + r for r in range(cfg.rollouts)]
-            fitness, env_steps = evaluate_candidates(evaluator, candidates, seeds, cfg.early_stop)
-            es.tell(list(candidates), (-fitness).tolist())
-            wall = time.perf_counter() - started
-
-            if fitness.max() > state["best"][0]:
-                state["best"] = (float(fitness.max()), candidates[fitness.argmax()].copy())
-            row = {
-                "generation": gen,
-                "best": float(fitness.max()),
-                "mean": float(fitness.mean()),
-                "worst": float(fitness.min()),
-                "sigma": float(es.sigma),
-                "steps_per_s": env_steps / wall,
-                "seconds": wall,
-            }
-            mean = np.asarray(es.mean)
-            if cfg.check_every and (gen % cfg.check_every == 0 or gen == cfg.generations):
-                row["check_mean"], row["check_std"] = _check_mean(
-                    evaluator, mean, cfg.check_episodes
-                )
-            state["elapsed"] += time.perf_counter() - started
-            state["generation"] = gen
-            state["np_random"] = np.random.get_state()
-
-            save_controller(folder, mean, agent, {"generation": gen})
+            row = _generation(cfg, state, evaluator)
+            gen = state["generation"]
+            save_controller(folder, np.asarray(state["es"].mean), agent, {"generation": gen})
+            best_fitness, best_vector = state["best"]
             save_controller(
-                folder / "best",
-                state["best"][1],
-                agent,
-                {"generation": gen, "fitness": state["best"][0]},
+                folder / "best", best_vector, agent, {"generation": gen, "fitness": best_fitness}
             )
             _save_state(folder, state)
             metrics.write(row, gen)
@@ -243,6 +341,15 @@ def run(cfg: TrainControllerConfig) -> Path:
                 mean=f"{row['mean']:.0f}",
                 sps=f"{row['steps_per_s']:.0f}",
             )
+        bar.close()
+        if cfg.select_top and state["checked"] and not state["selected"]:
+            log(
+                f"train-controller: final selection, {min(cfg.select_top, len(state['checked']))} "
+                f"checked means × {cfg.select_episodes} fresh held-out tracks"
+            )
+            _save_selection(folder, _select(cfg, state, evaluator), agent)
+            state["selected"] = True
+            _save_state(folder, state)
     finally:
         evaluator.close()
         bar.close()
