@@ -1,11 +1,13 @@
 # Two commands do everything on a fresh machine with Python 3.11:
 #   make run   - install into .venv, then the whole pipeline on the default preset
+#                (make run SEED=1 RUN_DIR=runs/seed1: another independent run)
 #   make test  - install into .venv (if needed), then the test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/quick
+SEED ?= 0
 export SDL_VIDEODRIVER ?= dummy
 
 .PHONY: install run test bench lint format clean
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	$(BIN)/worldmodels run --preset quick --run-dir $(RUN_DIR)
+	$(BIN)/worldmodels run --preset quick --run-dir $(RUN_DIR) --seed $(SEED)
 
 test: install
 	$(BIN)/python -m pytest -q

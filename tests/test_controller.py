@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from worldmodels.agent import Agent
+from worldmodels.artifacts import load_controller, load_world_model
 from worldmodels.checkpoint import save_model
 from worldmodels.cli import main
 from worldmodels.envs import make_env
@@ -101,9 +102,15 @@ def _train(run_dir, generations: int, **kw):
         generations=generations,
         population=4,
         rollouts=2,
-        max_steps=40,
         early_stop=0,
-        **{"check_every": 2, "check_episodes": 2, "select_episodes": 2, **kw},
+        **{
+            "max_steps": 40,
+            "check_steps": 40,
+            "check_every": 2,
+            "check_episodes": 2,
+            "select_episodes": 2,
+            **kw,
+        },
     )
     return train_controller.run(cfg)
 
@@ -142,10 +149,10 @@ def test_selection_keeps_the_finalist_that_plays_best_on_fresh_tracks(world_run)
     winner = max(finalists, key=lambda f: f["select_mean"])
     assert selection["generation"] == winner["generation"]
     # the saved controller is that finalist: replaying the selection tracks gives its score
-    params, meta = evaluate.load_controller_params(world_run, "mean")
+    params, meta = load_controller(world_run)
     assert meta["generation"] == winner["generation"]
     seeds = list(range(selection["seeds"][0], selection["seeds"][1] + 1))
-    agent = train_controller.load_world_model(world_run)
+    agent = load_world_model(world_run)
     with make_env("envpool", len(seeds), max_steps=40) as env:
         replay = run_episodes(env, agent, params.repeat(len(seeds), 1), seeds)
     assert replay.returns.mean() == pytest.approx(winner["select_mean"], abs=1e-3)
@@ -192,3 +199,109 @@ def test_play_draws_frames_and_saves_a_screenshot(world_run, tmp_path):
     assert image.shape[:2] == (288 + 40, 2 * 288)
     left, right = image[:288, :288].astype(int), image[:288, 288:].astype(int)
     assert left.std() > 10 and right.std() > 1  # a real frame and a (random-V) reconstruction
+
+
+def test_tiles_read_back_from_the_return_match_the_official_env():
+    """Drive real official tracks straight ahead; the tiles `lap_outcomes` reads back from each
+    return equal the env's own visited count, and the car is on its way, not at a lap's end."""
+    from worldmodels.envs.gymnasium_backend import make_official_env
+
+    seeds, steps = [5, 6], 120
+    returns, counts, visited = [], [], []
+    for seed in seeds:
+        env = make_official_env()
+        env.reset(seed=seed)
+        total = 0.0
+        for _ in range(steps):
+            total += env.step(np.array([0.0, 0.3, 0.0], np.float32))[1]
+        returns.append(total)
+        counts.append(len(env.unwrapped.track))
+        visited.append(env.unwrapped.tile_visited_count)
+        env.close()
+    from worldmodels.envs import official_track_tiles
+
+    assert official_track_tiles(seeds) == counts
+    outcomes = evaluate.lap_outcomes(
+        np.array(returns), np.array([steps] * 2), np.array([False, False]), counts
+    )
+    assert [o["tiles_missed"] for o in outcomes] == [c - v for c, v in zip(counts, visited)]
+    assert all(o["end"] == "timeout" and 0 < v < c for o, v, c in zip(outcomes, visited, counts))
+
+
+def test_lap_outcomes_tell_a_finished_lap_from_the_playfield_edge():
+    tiles = [300, 300, 300]
+    returns = np.array([1000 - 0.1 * 850, 290 / 300 * 1000 - 100, 100 / 300 * 1000 - 20 - 100])
+    outcomes = evaluate.lap_outcomes(
+        returns, np.array([850, 1000, 200]), np.array([True, False, True]), tiles
+    )
+    assert [o["end"] for o in outcomes] == ["lap", "timeout", "off_playfield"]
+    assert [o["tiles_missed"] for o in outcomes] == [0, 10, 200]
+    episodes = [
+        {"return": r, "steps": s, **o} for r, s, o in zip(returns, [850, 1000, 200], outcomes)
+    ]
+    summary = evaluate.summarize_laps(episodes)
+    assert summary["fraction_laps"] == pytest.approx(1 / 3)
+    assert summary["lap_steps_mean"] == 850
+    assert summary["tiles_missed_mean"] == pytest.approx(70)
+    assert summary["fraction_below_600"] == pytest.approx(1 / 3)
+
+
+def test_check_plays_its_own_step_limit_not_the_training_one(world_run):
+    """Training episodes may be short; the check and selection play the length evaluation does."""
+    agent = load_world_model(world_run)
+    evaluator = train_controller.LocalEvaluator(
+        agent, train_controller.EpisodeSettings("envpool", 20)
+    )
+    params = np.zeros((2, controller_param_count(agent.input_dim)))
+    try:
+        short = evaluator.play(params, [3, 4])
+        longer = evaluator.play(params, [3, 4], 0, 35)
+    finally:
+        evaluator.close()
+    assert short.env_steps == 2 * 20 and longer.env_steps == 2 * 35
+    folder = _train(world_run, generations=2, max_steps=10, check_steps=30, select_top=1)
+    rows = read_metrics(folder / "metrics.jsonl")
+    assert all(r["steps_per_s"] > 0 for r in rows)
+    selection = json.loads((folder / "selection.json").read_text())
+    params, _ = load_controller(world_run)
+    seeds = list(range(selection["seeds"][0], selection["seeds"][1] + 1))
+    with make_env("envpool", len(seeds), max_steps=30) as env:
+        replay = run_episodes(env, agent, params.repeat(len(seeds), 1), seeds)
+    assert replay.returns.mean() == pytest.approx(
+        selection["finalists"][0]["select_mean"], abs=1e-3
+    )
+
+
+def test_diagonal_cma_learns_the_variances_faster(world_run):
+    """On a separable problem where one weight matters 100x more, separable CMA-ES shrinks that
+    weight's variance within 20 generations; the full covariance has barely moved."""
+    agent = load_world_model(world_run)
+    spread = {}
+    for diagonal in (False, True):
+        cfg = train_controller.TrainControllerConfig(
+            run_dir=world_run, population=8, diagonal=diagonal
+        )
+        es = train_controller._new_state(cfg, agent)["es"]
+        for _ in range(20):
+            xs = es.ask()
+            es.tell(xs, [float(1e4 * x[0] ** 2 + np.sum(x**2)) for x in xs])
+        spread[diagonal] = es.dC[1:].mean() / es.dC[0]
+    assert spread[True] > 1.5 and spread[False] < 1.1
+
+
+def test_resume_with_other_search_settings_is_refused_and_keeps_the_state(world_run, capsys):
+    folder = _train(world_run, generations=1, check_every=0, select_top=0)
+    state = (folder / train_controller.ES_STATE).read_bytes()
+    argv = ["train-controller", "--run-dir", str(world_run), "--population", "6"]
+    assert main([*argv, "--generations", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "population=4, not 6" in err and "--force" in err and len(err.splitlines()) == 1
+    assert (folder / train_controller.ES_STATE).read_bytes() == state
+
+
+def test_a_missing_cuda_device_is_one_line(trained_run, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["evaluate", "--run-dir", str(trained_run), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no CUDA device" in err and len(err.splitlines()) == 1

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from worldmodels.artifacts import load_mdnrnn
 from worldmodels.checkpoint import save_model
 from worldmodels.cli import main
 from worldmodels.data import load_episode, open_episodes
@@ -162,7 +163,7 @@ def test_train_mdnrnn_learns_and_a_resumed_run_equals_a_straight_one(tmp_path, e
     assert rows[2]["val_nll"] < rows[0]["val_nll"]  # better than the untrained model
     assert rows[2]["val_nll_sum"] == pytest.approx(8 * rows[2]["val_nll"], rel=1e-4)
 
-    a, b = train_mdnrnn.load_mdnrnn(straight), train_mdnrnn.load_mdnrnn(resumed)
+    a, b = load_mdnrnn(straight), load_mdnrnn(resumed)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, atol=0, rtol=0, msg=name)
     straight_rows = read_metrics(RunDir(straight).mdnrnn / "metrics.jsonl")

@@ -14,13 +14,11 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
+from worldmodels.artifacts import load_mdnrnn, load_vae, load_world_model
 from worldmodels.cli import main
 from worldmodels.data import open_episodes
 from worldmodels.layout import RunDir
 from worldmodels.stages.encode import open_latents
-from worldmodels.stages.train_controller import load_world_model
-from worldmodels.stages.train_mdnrnn import load_mdnrnn
-from worldmodels.stages.train_vae import load_vae
 
 STAGES = [
     "collect",
@@ -131,3 +129,40 @@ def test_kill_9_mid_run_then_rerun_finishes_without_redoing_stages(tmp_path):
     after = _outputs(RunDir(tmp_path))
     assert all(after[k] == before[k] for k in finished)
     assert set(after) == {"collect", "vae", "encode", "mdnrnn", "dream", "controller", "evaluate"}
+
+
+def test_run_seed_reaches_every_seeded_stage_but_never_the_evaluation_tracks():
+    from worldmodels.cli import _commands, build_parser
+    from worldmodels.stages import run as pipeline
+
+    parser = build_parser(_commands())
+    args = parser.parse_args(["run", "--seed", "2", "--controller.seed", "7"])
+    cfg = pipeline.RunConfig(preset="quick", seed=2)
+    seeds = {
+        stage.key: getattr(pipeline.stage_config(stage, cfg, args), "seed", None)
+        for stage in pipeline.stages()
+    }
+    assert seeds["collect"] == 20_000  # run seed 2 collects on tracks 20000 + i
+    assert seeds["vae"] == seeds["mdnrnn"] == seeds["dream"] == seeds["visualize"] == 2
+    assert seeds["controller"] == 7  # a stage's own flag wins
+    assert seeds["evaluate"] == 1_000_000  # the protocol's tracks never move
+    other = {
+        s.key: getattr(pipeline.stage_config(s, pipeline.RunConfig(seed=3), None), "seed", None)
+        for s in pipeline.stages()
+    }
+    assert other["collect"] == 30_000 and other["controller"] == 3
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["collect", "--seed", "99990", "--episodes", "20"], "leave the range kept for"),
+        (["train-controller", "--check-episodes", "0"], "--check-episodes >= 1"),
+        (["train-controller", "--time-budget-min", "-1"], "--time-budget-min must be >= 0"),
+        (["train-controller", "--check-steps", "0"], "--check-steps must be in 1..1000"),
+    ],
+)
+def test_seed_ranges_and_controller_numbers_are_checked(tmp_path, capsys, argv, message):
+    assert main([*argv, "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from worldmodels import cli
+from worldmodels.artifacts import load_vae
 from worldmodels.data import iterate_frame_batches, open_episodes, split_by_episode
 from worldmodels.layout import RunDir
 from worldmodels.metrics import read_metrics
@@ -111,7 +112,7 @@ def test_two_epochs_learn_and_keep_the_best_model(trained):
 
     torch.manual_seed(0)
     untrained = ConvVAE(8, (8, 16, 16, 32))
-    vae = tv.load_vae(trained)
+    vae = load_vae(trained)
     assert not vae.training and vae.channels == (8, 16, 16, 32) and vae.z_dim == 8
     before, after = _val_sse(untrained, trained), _val_sse(vae, trained)
     # Untrained ~670 (a flat grey image); predicting the mean training image gives ~300.
@@ -216,7 +217,7 @@ def test_visualize_writes_pictures_of_the_expected_size(trained, tmp_path, capsy
         return np.stack([small[top : top + 64, x : x + 64] for x in lefts])
 
     originals, recons, priors = (tiles(grid, r, 5) for r in range(3))
-    vae = tv.load_vae(trained)
+    vae = load_vae(trained)
     with torch.no_grad():
         expected = viz.to_images(vae.decode(vae.encode(frames_to_tensor(originals))[0]))
     assert np.abs(recons.astype(int) - expected).max() <= 1

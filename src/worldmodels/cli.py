@@ -31,6 +31,7 @@ def _commands() -> list[Command]:
         dream,
         encode,
         evaluate,
+        export,
         play,
         train_controller,
         train_mdnrnn,
@@ -106,6 +107,12 @@ def _commands() -> list[Command]:
             "watch the agent drive live: real frame, V's reconstruction, return so far",
             play.PlayConfig,
             play.run,
+        ),
+        Command(
+            "export",
+            "write a trained agent (V, M, C, crop, versions) into one folder to share",
+            export.ExportConfig,
+            export.run,
         ),
         Command(
             "report",

@@ -44,17 +44,23 @@ class LocalEvaluator:
         self.agent = agent
         self.settings = settings
         self.workers = default_workers(workers)
-        self._envs: dict[int, BatchedEnv] = {}  # by batch size: gymnasium workers are slow to start
+        # by (batch size, step limit): gymnasium workers are slow to start
+        self._envs: dict[tuple[int, int], BatchedEnv] = {}
 
-    def play(self, params: np.ndarray, seeds: list[int], early_stop: int = 0) -> Played:
-        """Returns of `params[i]` on track `seeds[i]`; `early_stop` as in `run_episodes`."""
-        size = len(seeds)
-        if size not in self._envs:
-            self._envs[size] = make_env(
-                self.settings.env, size, self.settings.max_steps, self.workers
-            )
+    def play(
+        self,
+        params: np.ndarray,
+        seeds: list[int],
+        early_stop: int = 0,
+        max_steps: int | None = None,
+    ) -> Played:
+        """Returns of `params[i]` on track `seeds[i]`; `early_stop` as in `run_episodes`;
+        `max_steps` overrides the settings' step limit (checks play whole episodes)."""
+        key = (len(seeds), max_steps or self.settings.max_steps)
+        if key not in self._envs:
+            self._envs[key] = make_env(self.settings.env, key[0], key[1], self.workers)
         batch = torch.as_tensor(np.asarray(params), dtype=torch.float32)
-        result = run_episodes(self._envs[size], self.agent, batch, seeds, early_stop=early_stop)
+        result = run_episodes(self._envs[key], self.agent, batch, seeds, early_stop=early_stop)
         return Played(result.returns, result.env_steps)
 
     def close(self) -> None:
@@ -90,6 +96,7 @@ def play_chunk(
     params: np.ndarray,
     seeds: list[int],
     early_stop: int,
+    max_steps: int | None = None,
 ) -> tuple[np.ndarray, int]:
     """The body of one Ray task: play `seeds` with `params` on this worker's CPUs."""
     threads = _threads_of_this_task()
@@ -97,7 +104,7 @@ def play_chunk(
     agent = _worker_agent(key, world_model)
     evaluator = LocalEvaluator(agent, settings, workers=threads)
     try:
-        played = evaluator.play(params, seeds, early_stop)
+        played = evaluator.play(params, seeds, early_stop, max_steps)
     finally:
         evaluator.close()
     return played.returns, played.env_steps
@@ -137,7 +144,13 @@ class RayEvaluator:
         )
         self._task = ray.remote(num_cpus=cpus_per_task, max_retries=max_retries)(play_chunk)
 
-    def play(self, params: np.ndarray, seeds: list[int], early_stop: int = 0) -> Played:
+    def play(
+        self,
+        params: np.ndarray,
+        seeds: list[int],
+        early_stop: int = 0,
+        max_steps: int | None = None,
+    ) -> Played:
         import ray
 
         params = np.asarray(params)
@@ -150,6 +163,7 @@ class RayEvaluator:
                 params[a:b],
                 list(seeds[a:b]),
                 early_stop,
+                max_steps,
             )
             for a, b in zip(bounds[:-1], bounds[1:])
         ]

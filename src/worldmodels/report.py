@@ -200,11 +200,49 @@ def stage_table(stages: dict, rates: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def failure_analysis(fig: dict, worst: int = 5) -> str:
+    """How the laps ended: finished, timed out with tiles missed, or off the playfield; the worst
+    tracks; and the kept agent's score on training-backend (envpool) tracks beside the official."""
+    ev = fig["eval"]
+    episodes = ev.get("episodes", [])
+    if not episodes or ev.get("fraction_laps") is None:
+        return "_Needs an evaluation on the official env (`worldmodels evaluate`)._"
+    ends = [e["end"] for e in episodes]
+    lines = [
+        f"- Laps finished: **{ev['fraction_laps']:.0%}** of {len(episodes)} tracks"
+        + (f", in {ev['lap_steps_mean']:.0f} steps on average" if ev["lap_steps_mean"] else ""),
+        f"- Timed out with tiles missed: {ends.count('timeout')}; off the playfield: "
+        f"{ends.count('off_playfield')}; tiles missed per track: {ev['tiles_missed_mean']:.1f} "
+        "on average",
+        f"- Tracks below 600: {ev['fraction_below_600']:.0%}",
+    ]
+    kept = fig["selection"]
+    if kept:
+        won = next(f for f in kept["finalists"] if f["generation"] == kept["generation"])
+        lines.append(
+            f"- Kept agent on {kept['episodes']} held-out training-backend tracks: "
+            f"{won['select_mean']:.1f}; on the official tracks: {ev['mean']:.1f} "
+            f"(gap {ev['mean'] - won['select_mean']:+.1f})"
+        )
+    lines += [
+        "",
+        "| worst tracks: seed | return | steps | end | tiles missed |",
+        "|---|---|---|---|---|",
+    ]
+    for e in sorted(episodes, key=lambda e: e["return"])[:worst]:
+        lines.append(
+            f"| {e['seed']} | {e['return']:.1f} | {e['steps']} | {e['end']} | "
+            f"{e['tiles_missed']} of {e['tiles']} |"
+        )
+    return "\n".join(lines)
+
+
 def build_markdown(layout: RunDir, fig: dict, images: dict[str, Path]) -> str:
     parts = [f"# World Models run: `{layout.root}`", ""]
     if fig["preset"]:
         parts += [f"Preset: `{fig['preset']}`.", ""]
     parts += ["## Results", "", results_table(fig), ""]
+    parts += ["## How the laps ended", "", failure_analysis(fig), ""]
     parts += ["## Wall time per stage", "", stage_table(fig["stages"], fig["rates"]), ""]
     captions = {
         "curves": "Learning curves",

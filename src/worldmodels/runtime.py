@@ -8,11 +8,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from worldmodels.errors import UserError
+
 
 def pick_device(name: str = "auto") -> torch.device:
+    """`auto` is CUDA where there is one; a device that is not there is refused in one line."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a torch device (use cpu, cuda or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine has no CUDA device; use --device cpu")
+    return device
 
 
 def seed_everything(seed: int) -> None:

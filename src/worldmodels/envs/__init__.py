@@ -31,6 +31,13 @@ def make_env(
     raise UserError(f"unknown env backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
+def official_track_tiles(seeds: list[int]) -> list[int]:
+    """Tiles of the official (Gymnasium) track of each seed."""
+    from worldmodels.envs.gymnasium_backend import official_track_tiles as count_tiles
+
+    return count_tiles(seeds)
+
+
 __all__ = [
     "BACKENDS",
     "CROP_ROWS",
@@ -41,5 +48,6 @@ __all__ = [
     "Stepped",
     "default_workers",
     "make_env",
+    "official_track_tiles",
     "preprocess_frames",
 ]

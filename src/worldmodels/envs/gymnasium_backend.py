@@ -23,7 +23,9 @@ from worldmodels.envs.base import MAX_EPISODE_STEPS, BatchedEnv
 
 
 def ensure_headless_display() -> None:
-    """pygame needs a video driver; with no display the dummy one avoids a hang or a crash."""
+    """pygame needs a video driver; with no display the dummy one avoids a hang or a crash.
+    Its import banner is silenced too: our commands print only their own lines."""
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
@@ -36,6 +38,20 @@ def make_official_env():
 
         # Our own step limit governs truncation; keep gymnasium's at the official 1000.
         return gym.make("CarRacing-v3", max_episode_steps=MAX_EPISODE_STEPS)
+
+
+def official_track_tiles(seeds: list[int]) -> list[int]:
+    """Tiles of each official track: a reset builds the track from its seed, so no episode is
+    played. Each tile is worth 1000/tiles, which turns a return back into tiles visited."""
+    env = make_official_env()
+    try:
+        counts = []
+        for seed in seeds:
+            env.reset(seed=seed)
+            counts.append(len(env.unwrapped.track))
+        return counts
+    finally:
+        env.close()
 
 
 class _Slots:

@@ -37,6 +37,7 @@ from worldmodels.io import remove_temp_files
 from worldmodels.layout import RunDir, writable_dir
 from worldmodels.policies import POLICIES, make_policy
 from worldmodels.progress import log, progress_bar
+from worldmodels.seeds import require_within
 
 
 @dataclass
@@ -72,6 +73,7 @@ class CollectConfig:
             raise UserError(f"--envs must be >= 1, got {self.envs}")
         if self.workers < 0:
             raise UserError(f"--workers must be >= 0, got {self.workers}")
+        require_within("collect", self.seed, self.episodes, "--seed/--episodes")
         if self.env not in BACKENDS:
             raise UserError(f"unknown --env {self.env!r}: choose one of {', '.join(BACKENDS)}")
         if self.policy not in POLICIES:

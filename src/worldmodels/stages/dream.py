@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from worldmodels.artifacts import load_mdnrnn, load_vae
 from worldmodels.config import load_config, option, save_config
 from worldmodels.data import load_episode, open_episodes, split_by_episode
 from worldmodels.data.manifest import ManifestEntry
@@ -32,8 +33,7 @@ from worldmodels.policies import BrownianPolicy
 from worldmodels.progress import log
 from worldmodels.runtime import pick_device
 from worldmodels.stages.encode import load_latents, open_latents
-from worldmodels.stages.train_mdnrnn import TrainMDNRNNConfig, load_mdnrnn
-from worldmodels.stages.train_vae import load_vae
+from worldmodels.stages.train_mdnrnn import TrainMDNRNNConfig
 
 DREAM_POLICIES = ("real", "random")
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from worldmodels.artifacts import load_vae
 from worldmodels.checkpoint import read_model_meta
 from worldmodels.config import option, save_config
 from worldmodels.data import Episode, iterate_episodes, open_episodes
@@ -40,7 +41,6 @@ from worldmodels.layout import RunDir, writable_dir
 from worldmodels.models import ConvVAE, frames_to_tensor
 from worldmodels.progress import log, progress_bar
 from worldmodels.runtime import pick_device
-from worldmodels.stages.train_vae import load_vae
 
 VAE_SOURCE = "vae.json"  # which VAE weights (sha256) the latents in a folder came from
 

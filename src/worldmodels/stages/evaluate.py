@@ -16,26 +16,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worldmodels.checkpoint import load_model, read_model_meta
+from worldmodels.artifacts import (
+    agent_root,
+    check_controller_fits,
+    load_controller,
+    load_world_model,
+)
 from worldmodels.config import option, save_config
-from worldmodels.envs import BACKENDS, MAX_EPISODE_STEPS, default_workers, make_env
+from worldmodels.envs import (
+    BACKENDS,
+    MAX_EPISODE_STEPS,
+    default_workers,
+    make_env,
+    official_track_tiles,
+)
 from worldmodels.errors import UserError
 from worldmodels.io import atomic_write_text
 from worldmodels.layout import RunDir, writable_dir
-from worldmodels.models import LinearController
 from worldmodels.progress import log, progress_bar
-from worldmodels.rollout import run_episodes
+from worldmodels.rollout import TIME_PENALTY, run_episodes
 from worldmodels.runtime import use_acting_threads
-from worldmodels.stages.train_controller import load_world_model, require_controller
+from worldmodels.seeds import first
 from worldmodels.viz import save_gif
 
-EVAL_SEED_BASE = 1_000_000
+EVAL_SEED_BASE = first("evaluate")
 SOLVED = 900.0
+DEFAULT_RUN_DIR = Path("runs/default")
+OFF_PLAYFIELD_PENALTY = 100.0  # CarRacing's charge for driving off the playfield
 
 
 @dataclass
 class EvaluateConfig:
-    run_dir: Path = option(Path("runs/default"), "run directory with a trained controller")
+    run_dir: Path = option(DEFAULT_RUN_DIR, "run directory with a trained controller")
     episodes: int = option(100, "number of evaluation tracks (the standard protocol is 100)")
     seed: int = option(EVAL_SEED_BASE, "track seed of the first episode; episode i uses seed+i")
     env: str = option(
@@ -50,6 +62,16 @@ class EvaluateConfig:
         2, "GIFs to write: best and worst episode first, then the next best (0 = none)"
     )
     device: str = option("cpu", "torch device for V and M")
+    agent: Path = option(
+        Path(""),
+        "an exported agent folder (`worldmodels export`) to evaluate instead of the run dir's "
+        "models; results go to --run-dir (default: runs/<agent folder name>)",
+    )
+    pretrained: bool = option(
+        False,
+        "evaluate the agent this repository ships (pretrained/), no training needed; results go "
+        "to --run-dir (default: runs/pretrained)",
+    )
 
     def validate(self) -> None:
         if self.episodes < 1:
@@ -74,11 +96,45 @@ def summarize(returns: np.ndarray) -> dict:
     }
 
 
-def load_controller_params(run_dir: Path, which: str) -> tuple[torch.Tensor, dict]:
-    folder = require_controller(run_dir, which)
-    meta = read_model_meta(folder, "train-controller")
-    controller = load_model(folder, LinearController, "train-controller")
-    return controller.flat(), meta
+def lap_outcomes(
+    returns: np.ndarray, steps: np.ndarray, terminated: np.ndarray, tiles: list[int]
+) -> list[dict]:
+    """Per official track: tiles missed and how the episode ended, read back from its return.
+
+    A return is 1000 * visited / tiles - 0.1 per step, minus 100 if the car left the playfield.
+    The lap ends only when every tile has been visited, so one missed tile means the episode runs
+    to its step limit: "lap" (every tile), "timeout" (tiles missed) or "off_playfield".
+    """
+    outcomes = []
+    for ret, n, done, count in zip(returns, steps, terminated, tiles):
+        visited = (ret + TIME_PENALTY * n) * count / 1000.0
+        lap = bool(done) and visited > count - 0.5
+        if done and not lap:
+            visited += OFF_PLAYFIELD_PENALTY * count / 1000.0
+        missed = max(0, count - int(round(visited)))
+        end = "lap" if lap else ("off_playfield" if done else "timeout")
+        outcomes.append({"tiles": int(count), "tiles_missed": missed, "end": end})
+    return outcomes
+
+
+def summarize_laps(episodes: list[dict]) -> dict:
+    """What the failure analysis reads: laps finished, their length, tiles missed, bad tracks."""
+    laps = [e for e in episodes if e.get("end") == "lap"]
+    missed = [e["tiles_missed"] for e in episodes if "tiles_missed" in e]
+    return {
+        "fraction_laps": len(laps) / len(episodes) if missed else None,
+        "lap_steps_mean": float(np.mean([e["steps"] for e in laps])) if laps else None,
+        "tiles_missed_mean": float(np.mean(missed)) if missed else None,
+        "fraction_below_600": float(np.mean([e["return"] < 600 for e in episodes])),
+    }
+
+
+def results_dir(run_dir: Path, source: Path) -> Path:
+    """Where an agent's results go: the run dir, or runs/<agent name> for an agent folder when
+    no --run-dir was given (never into the agent folder itself, which may be the shipped one)."""
+    if Path(source) == Path(run_dir) or Path(run_dir) != DEFAULT_RUN_DIR:
+        return Path(run_dir)
+    return Path("runs") / Path(source).resolve().name
 
 
 def record_episode(agent, params: torch.Tensor, seed: int, cfg: EvaluateConfig) -> list[np.ndarray]:
@@ -93,10 +149,12 @@ def record_episode(agent, params: torch.Tensor, seed: int, cfg: EvaluateConfig) 
 
 def run(cfg: EvaluateConfig) -> Path:
     cfg.validate()
-    folder = writable_dir(RunDir(cfg.run_dir).eval)
-    params, meta = load_controller_params(cfg.run_dir, cfg.controller)
+    source = agent_root(cfg.agent, cfg.pretrained) or cfg.run_dir
+    params, meta = load_controller(source, cfg.controller)
     use_acting_threads(cfg.device)
-    agent = load_world_model(cfg.run_dir, cfg.device, z_only=bool(meta.get("z_only", False)))
+    agent = load_world_model(source, cfg.device, z_only=bool(meta.get("z_only", False)))
+    check_controller_fits(agent, params, source)
+    folder = writable_dir(RunDir(results_dir(cfg.run_dir, source)).eval)
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
     log(
         f"evaluate: {cfg.episodes} episodes on {cfg.env} CarRacing-v3, seeds {seeds[0]}..{seeds[-1]}"
@@ -112,6 +170,14 @@ def run(cfg: EvaluateConfig) -> Path:
     wall = time.perf_counter() - started
     bar.close()
 
+    episodes = [
+        {"seed": s, "return": float(r), "steps": int(n), "terminated": bool(t)}
+        for s, r, n, t in zip(seeds, result.returns, result.steps, result.terminated)
+    ]
+    if cfg.env == "gymnasium":  # envpool draws other tracks from the same seeds
+        tiles = official_track_tiles(seeds)
+        outcomes = lap_outcomes(result.returns, result.steps, result.terminated, tiles)
+        episodes = [{**e, **o} for e, o in zip(episodes, outcomes)]
     report = {
         "protocol": {
             "env": "CarRacing-v3",
@@ -122,20 +188,25 @@ def run(cfg: EvaluateConfig) -> Path:
             "max_steps": cfg.max_steps,
             "controller": cfg.controller,
             "controller_generation": meta.get("generation"),
+            "agent": str(source),
+            # V's precision when acting: bf16 where the CPU has native bf16, else fp32; returns
+            # repeat exactly only on a machine that encodes the same way
+            "encoder": "bf16" if agent.bf16 else "fp32",
         },
         **summarize(result.returns),
-        "episodes": [
-            {"seed": s, "return": float(r), "steps": int(n), "terminated": bool(t)}
-            for s, r, n, t in zip(seeds, result.returns, result.steps, result.terminated)
-        ],
+        **summarize_laps(episodes),
+        "episodes": episodes,
         "wall_s": wall,
         "steps_per_s": result.env_steps / wall,
     }
     save_config(cfg, folder / "config.json")
     atomic_write_text(folder / "eval.json", json.dumps(report, indent=2) + "\n")
+    laps = report["fraction_laps"]
     log(
         f"evaluate: {report['mean']:.1f} ± {report['std']:.1f} over {cfg.episodes} tracks "
-        f"({report['fraction_solved']:.0%} ≥ 900) in {wall:.0f}s"
+        f"({report['fraction_solved']:.0%} ≥ 900, {report['fraction_below_600']:.0%} below 600"
+        + ("" if laps is None else f", {laps:.0%} laps finished")
+        + f") in {wall:.0f}s"
     )
     _write_gifs(agent, params, seeds, result.returns, cfg, folder)
     return folder

@@ -9,13 +9,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from worldmodels.artifacts import (
+    agent_root,
+    check_controller_fits,
+    load_controller,
+    load_world_model,
+)
 from worldmodels.config import option
 from worldmodels.envs import BACKENDS, MAX_EPISODE_STEPS, make_env
 from worldmodels.envs.gymnasium_backend import ensure_headless_display
+from worldmodels.errors import UserError
 from worldmodels.progress import log
 from worldmodels.rollout import run_episodes
-from worldmodels.stages.evaluate import EVAL_SEED_BASE, load_controller_params
-from worldmodels.stages.train_controller import load_world_model
+from worldmodels.seeds import first
 
 PANEL = 288  # each picture is drawn 288×288 pixels (96×3, 64×4.5)
 
@@ -23,13 +29,21 @@ PANEL = 288  # each picture is drawn 288×288 pixels (96×3, 64×4.5)
 @dataclass
 class PlayConfig:
     run_dir: Path = option(Path("runs/default"), "run directory with a trained controller")
-    seed: int = option(EVAL_SEED_BASE, "track seed of the first episode")
+    seed: int = option(first("evaluate"), "track seed of the first episode")
     episodes: int = option(1, "episodes to play, one after another")
     env: str = option("gymnasium", "env backend", BACKENDS)
     max_steps: int = option(MAX_EPISODE_STEPS, "step limit per episode")
     fps: int = option(50, "frames per second to show (0 = as fast as possible)")
     controller: str = option("mean", "which controller to drive with", ("mean", "best"))
     screenshot: Path = option(Path(""), "save the last window picture to this PNG (e.g. for docs)")
+    agent: Path = option(Path(""), "drive an exported agent folder (`worldmodels export`)")
+    pretrained: bool = option(False, "drive the agent this repository ships (pretrained/)")
+
+    def validate(self) -> None:
+        if self.episodes < 1 or not 1 <= self.max_steps <= MAX_EPISODE_STEPS or self.fps < 0:
+            raise UserError(
+                f"need --episodes >= 1, --max-steps in 1..{MAX_EPISODE_STEPS} and --fps >= 0"
+            )
 
 
 class Window:
@@ -40,7 +54,8 @@ class Window:
         import pygame
 
         self.pg = pygame
-        pygame.init()
+        pygame.display.init()  # not pygame.init(): its audio init prints ALSA errors where
+        pygame.font.init()  # the machine has no sound device, and play makes no sound
         self.screen = pygame.display.set_mode((2 * PANEL, PANEL + 40))
         pygame.display.set_caption("worldmodels play")
         self.font = pygame.font.Font(None, 28)
@@ -74,8 +89,11 @@ class Window:
 
 
 def run(cfg: PlayConfig) -> None:
-    params, meta = load_controller_params(cfg.run_dir, cfg.controller)
-    agent = load_world_model(cfg.run_dir, z_only=bool(meta.get("z_only", False)))
+    cfg.validate()
+    source = agent_root(cfg.agent, cfg.pretrained) or cfg.run_dir
+    params, meta = load_controller(source, cfg.controller)
+    agent = load_world_model(source, z_only=bool(meta.get("z_only", False)))
+    check_controller_fits(agent, params, source)
     window = Window(cfg.fps)
     try:
         with make_env(cfg.env, 1, cfg.max_steps, workers=0) as env:

@@ -28,6 +28,7 @@ from worldmodels.errors import UserError
 from worldmodels.io import atomic_write_text
 from worldmodels.layout import writable_dir
 from worldmodels.progress import log
+from worldmodels.seeds import COLLECT_TRACKS_PER_RUN_SEED
 
 
 @dataclass
@@ -38,6 +39,12 @@ class RunConfig:
         ("smoke", "quick", "full"),
     )
     run_dir: Path = option(Path(""), "run directory (default: runs/<preset>)")
+    seed: int = option(
+        0,
+        "run seed: every stage's randomness (collection tracks start at seed*10000; V, M, dream "
+        "and CMA-ES use it as their seed); evaluation tracks never change. A stage's own "
+        "--<stage>.seed overrides it",
+    )
     force: bool = option(False, "redo every stage from scratch")
 
 
@@ -101,6 +108,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "population": 4,
             "rollouts": 1,
             "max_steps": 60,
+            "check_steps": 60,
             "check_every": 1,
             "check_episodes": 2,
             "select_top": 2,
@@ -160,11 +168,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_config_arguments(parser, stage.config, prefix=f"{stage.key}.", skip=("run_dir",))
 
 
+SEEDED_BY_RUN = ("collect", "vae", "visualize", "mdnrnn", "dream", "controller")  # not evaluate
+
+
+def stage_seed(stage_key: str, run_seed: int) -> int:
+    """The seed a stage gets from the run seed: collection tracks are spaced so runs never share
+    a track; the evaluation tracks are the protocol and never move."""
+    return run_seed * COLLECT_TRACKS_PER_RUN_SEED if stage_key == "collect" else run_seed
+
+
 def stage_config(stage: Stage, cfg: RunConfig, args: argparse.Namespace | None) -> Any:
     preset = {k: v for k, v in PRESETS[cfg.preset][stage.key].items()}
     fields = {f.name for f in dataclasses.fields(stage.config)}
     if "force" in fields and cfg.force:
         preset["force"] = True
+    if stage.key in SEEDED_BY_RUN and "seed" in fields:
+        preset["seed"] = stage_seed(stage.key, cfg.seed)
     base = dataclasses.replace(stage.config(), run_dir=cfg.run_dir, **preset)
     return config_from_args(stage.config, args, prefix=f"{stage.key}.", base=base) if args else base
 

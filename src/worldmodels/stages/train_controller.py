@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from worldmodels.agent import Agent
+from worldmodels.artifacts import load_world_model
 from worldmodels.checkpoint import save_model
-from worldmodels.config import load_config, option, save_config
+from worldmodels.config import option, require_same_settings, save_config
 from worldmodels.envs import BACKENDS, MAX_EPISODE_STEPS
-from worldmodels.errors import MissingStageError, UserError
+from worldmodels.errors import UserError
 from worldmodels.evaluators import BACKENDS as EVALUATOR_BACKENDS
 from worldmodels.evaluators import EpisodeSettings, LocalEvaluator, RayEvaluator, make_evaluator
 from worldmodels.io import atomic_write_bytes, atomic_write_text
@@ -36,12 +37,28 @@ from worldmodels.metrics import MetricsLog
 from worldmodels.models import LinearController, controller_param_count
 from worldmodels.progress import log, progress_bar
 from worldmodels.runtime import use_acting_threads
+from worldmodels.seeds import first, require_within
 
 ES_STATE = "es_state.pkl"
-TRAIN_SEED_BASE = 100_000  # tracks for training: far from collection (0…) and evaluation (1e6…)
-CHECK_SEED_BASE = 500_000  # fixed held-out tracks for the periodic check of the mean
-SELECT_SEED_BASE = 600_000  # fresh held-out tracks for the final choice among checked means
+TRAIN_SEED_BASE = first("train")  # tracks for training: generation g plays base + g*rollouts + r
+CHECK_SEED_BASE = first("check")  # fixed held-out tracks for the periodic check of the mean
+SELECT_SEED_BASE = first("select")  # fresh held-out tracks for the final choice among means
 SELECTION = "selection.json"
+# Settings that define the search being resumed; changing them needs --force or a new run dir.
+_IDENTITY = (
+    "population",
+    "rollouts",
+    "sigma0",
+    "diagonal",
+    "h_sigma_scale",
+    "max_steps",
+    "early_stop",
+    "env",
+    "z_only",
+    "seed",
+    "check_episodes",
+    "check_steps",
+)
 
 
 @dataclass
@@ -53,8 +70,21 @@ class TrainControllerConfig:
     population: int = option(16, "candidates per generation")
     rollouts: int = option(2, "episodes per candidate per generation (same tracks for all)")
     sigma0: float = option(0.1, "initial CMA-ES step size")
+    diagonal: bool = option(
+        False,
+        "separable CMA-ES: learn a diagonal covariance (its learning rate is ~n/3 times the full "
+        "one's, which at n=867 barely moves in 100 generations)",
+    )
     h_sigma_scale: float = option(0.1, "initial std of the weights on h relative to those on z")
-    max_steps: int = option(MAX_EPISODE_STEPS, "step limit of training episodes")
+    max_steps: int = option(
+        MAX_EPISODE_STEPS,
+        "step limit of training episodes: shorter ones see more tracks per minute and reward "
+        "speed more (a car twice as fast gains twice the tiles, not a few points at the lap end)",
+    )
+    check_steps: int = option(
+        MAX_EPISODE_STEPS,
+        "step limit of the periodic check and of the final selection (evaluation's is 1000)",
+    )
     early_stop: int = option(100, "stop an episode after this many steps without reward (0 = off)")
     env: str = option("envpool", "env backend for training episodes", BACKENDS)
     workers: int = option(0, "envpool threads or gymnasium processes (0 = one per core)")
@@ -89,28 +119,24 @@ class TrainControllerConfig:
     def validate(self) -> None:
         if self.population < 2 or self.rollouts < 1 or self.generations < 0:
             raise UserError("need --population >= 2, --rollouts >= 1, --generations >= 0")
-        if not 1 <= self.max_steps <= MAX_EPISODE_STEPS:
-            raise UserError(f"--max-steps must be in 1..{MAX_EPISODE_STEPS}")
+        if not (
+            1 <= self.max_steps <= MAX_EPISODE_STEPS and 1 <= self.check_steps <= MAX_EPISODE_STEPS
+        ):
+            raise UserError(f"--max-steps and --check-steps must be in 1..{MAX_EPISODE_STEPS}")
         if self.sigma0 <= 0:
             raise UserError("--sigma0 must be > 0")
         if self.ray_chunks < 0 or self.ray_cpus_per_task < 1:
             raise UserError("need --ray-chunks >= 0 and --ray-cpus-per-task >= 1")
         if self.select_top < 0 or (self.select_top and self.select_episodes < 1):
             raise UserError("need --select-top >= 0 and, with it, --select-episodes >= 1")
-
-
-def load_world_model(run_dir: Path, device: str = "cpu", z_only: bool = False) -> Agent:
-    """V + M of a run, ready to act; says which stage to run if one is missing."""
-    from worldmodels.stages.collect import CollectConfig
-    from worldmodels.stages.train_mdnrnn import load_mdnrnn
-    from worldmodels.stages.train_vae import load_vae
-
-    layout = RunDir(run_dir)
-    vae = load_vae(run_dir)
-    mdnrnn = load_mdnrnn(run_dir)
-    data_config = layout.data / "config.json"
-    crop = load_config(CollectConfig, data_config).crop if data_config.exists() else True
-    return Agent(vae, mdnrnn, crop=crop, z_only=z_only, device=device)
+        if self.check_every < 0 or (self.check_every and self.check_episodes < 1):
+            raise UserError("need --check-every >= 0 and, with it, --check-episodes >= 1")
+        if self.time_budget_min < 0:
+            raise UserError("--time-budget-min must be >= 0 (0 = no limit)")
+        train_tracks = (self.generations + 1) * self.rollouts
+        require_within("train", TRAIN_SEED_BASE, train_tracks, "--generations/--rollouts")
+        require_within("check", CHECK_SEED_BASE, self.check_episodes, "--check-episodes")
+        require_within("select", SELECT_SEED_BASE, self.select_episodes, "--select-episodes")
 
 
 def initial_stds(agent: Agent, h_sigma_scale: float) -> np.ndarray:
@@ -167,7 +193,13 @@ def _new_state(cfg: TrainControllerConfig, agent: Agent) -> dict:
     import cma
 
     stds = initial_stds(agent, cfg.h_sigma_scale)
-    options = {"popsize": cfg.population, "seed": cfg.seed + 1, "CMA_stds": stds, "verbose": -9}
+    options = {
+        "popsize": cfg.population,
+        "seed": cfg.seed + 1,
+        "CMA_stds": stds,
+        "CMA_diagonal": cfg.diagonal,
+        "verbose": -9,
+    }
     es = cma.CMAEvolutionStrategy(np.zeros(len(stds)), cfg.sigma0, options)
     return {
         "es": es,
@@ -182,11 +214,11 @@ def _new_state(cfg: TrainControllerConfig, agent: Agent) -> dict:
 
 
 def _check_mean(
-    evaluator: LocalEvaluator | RayEvaluator, mean: np.ndarray, episodes: int
+    evaluator: LocalEvaluator | RayEvaluator, mean: np.ndarray, episodes: int, steps: int
 ) -> tuple[float, float]:
     """The CMA-ES mean on fixed held-out tracks, no early stop: the learning curve we trust."""
     seeds = [CHECK_SEED_BASE + i for i in range(episodes)]
-    returns = evaluator.play(np.tile(mean, (len(seeds), 1)), seeds).returns
+    returns = evaluator.play(np.tile(mean, (len(seeds), 1)), seeds, 0, steps).returns
     return float(returns.mean()), float(returns.std())
 
 
@@ -227,7 +259,9 @@ def _generation(
     if cfg.check_every and (gen % cfg.check_every == 0 or gen == cfg.generations):
         mean = np.asarray(es.mean).copy()
         check_started = time.perf_counter()
-        row["check_mean"], row["check_std"] = _check_mean(evaluator, mean, cfg.check_episodes)
+        row["check_mean"], row["check_std"] = _check_mean(
+            evaluator, mean, cfg.check_episodes, cfg.check_steps
+        )
         state["check_s_per_episode"] = (time.perf_counter() - check_started) / cfg.check_episodes
         state["checked"].append(
             {"generation": gen, "check_mean": row["check_mean"], "vector": mean}
@@ -252,7 +286,9 @@ def _select(
     finalists = ranked[: cfg.select_top]
     seeds = [SELECT_SEED_BASE + i for i in range(cfg.select_episodes)]
     vectors = np.stack([f["vector"] for f in finalists])
-    returns = evaluator.play(np.repeat(vectors, len(seeds), axis=0), seeds * len(finalists))
+    returns = evaluator.play(
+        np.repeat(vectors, len(seeds), axis=0), seeds * len(finalists), 0, cfg.check_steps
+    )
     scores = returns.returns.reshape(len(finalists), len(seeds))
     winner = int(scores.mean(axis=1).argmax())
     state["elapsed"] += time.perf_counter() - started
@@ -295,6 +331,15 @@ def run(cfg: TrainControllerConfig) -> Path:
     agent = load_world_model(cfg.run_dir, cfg.device, cfg.z_only)
 
     state = None if cfg.force else _load_state(folder)
+    if state is not None:
+        require_same_settings(
+            cfg,
+            folder / "config.json",
+            _IDENTITY,
+            "a CMA-ES run",
+            "rerun with the same settings to resume, add --force to start over, or use another "
+            "--run-dir",
+        )
     if state is None:
         state = _new_state(cfg, agent)
     else:
@@ -354,13 +399,4 @@ def run(cfg: TrainControllerConfig) -> Path:
         evaluator.close()
         bar.close()
         metrics.close()
-    return folder
-
-
-def require_controller(run_dir: Path, which: str = "mean") -> Path:
-    folder = RunDir(run_dir).controller / ("best" if which == "best" else "")
-    if not (folder / "model.json").exists():
-        raise MissingStageError(
-            f"trained controller in {RunDir(run_dir).controller}", "train-controller"
-        )
     return folder

@@ -39,7 +39,6 @@ from worldmodels.checkpoint import (
     MODEL_META,
     TrainingCheckpoint,
     clear_training_outputs,
-    load_model,
     read_model_meta,
     save_model,
 )
@@ -90,11 +89,6 @@ class TrainMDNRNNConfig:
 
 # Settings that define the model being trained; changing them needs --force (or a new run dir).
 _IDENTITY = ("hidden", "n_gaussians", "seed", "val_fraction")
-
-
-def load_mdnrnn(run_dir: Path) -> MDNRNN:
-    """The run's trained M (CPU, eval mode); says to run train-mdnrnn if it is missing."""
-    return load_model(RunDir(run_dir).mdnrnn, MDNRNN, COMMAND).eval()
 
 
 # --- data -------------------------------------------------------------------------------------

@@ -44,7 +44,6 @@ from worldmodels.checkpoint import (
     MODEL_WEIGHTS,
     TrainingCheckpoint,
     clear_training_outputs,
-    load_model,
     read_model_meta,
     save_model,
 )
@@ -502,9 +501,3 @@ def _finish(out: Path, state: dict, cfg: TrainVAEConfig, early_stopped: bool, sp
         f"val SSE {extra.get('val_sse', float('nan')):.1f})"
     )
     return out
-
-
-def load_vae(run_dir: Path) -> ConvVAE:
-    """The trained VAE of a run dir, in eval mode on the CPU (what other stages use)."""
-    model = load_model(RunDir(run_dir).vae, ConvVAE, COMMAND)
-    return model.eval()

@@ -21,6 +21,7 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 
+from worldmodels.artifacts import load_vae
 from worldmodels.config import load_config, option
 from worldmodels.data import load_episode, open_episodes, split_by_episode
 from worldmodels.errors import UserError
@@ -28,7 +29,7 @@ from worldmodels.io import atomic_write_bytes
 from worldmodels.layout import RunDir
 from worldmodels.models import ConvVAE, frames_to_tensor
 from worldmodels.progress import log
-from worldmodels.stages.train_vae import TrainVAEConfig, load_vae
+from worldmodels.stages.train_vae import TrainVAEConfig
 
 FRAME = 64
 GAP = 2  # pixels between tiles, before upscaling
