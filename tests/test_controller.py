@@ -274,7 +274,9 @@ def test_check_plays_its_own_step_limit_not_the_training_one(world_run):
 
 def test_diagonal_cma_learns_the_variances_faster(world_run):
     """On a separable problem where one weight matters 100x more, separable CMA-ES shrinks that
-    weight's variance within 20 generations; the full covariance has barely moved."""
+    weight's step size relative to the others within 30 generations, several times more than the
+    full covariance does (its learning rate is (n+2)/3 times smaller: 26x for this tiny agent,
+    290x for the real one)."""
     agent = load_world_model(world_run)
     spread = {}
     for diagonal in (False, True):
@@ -282,11 +284,13 @@ def test_diagonal_cma_learns_the_variances_faster(world_run):
             run_dir=world_run, population=8, diagonal=diagonal
         )
         es = train_controller._new_state(cfg, agent)["es"]
-        for _ in range(20):
+        stds0 = train_controller.initial_stds(agent, cfg.h_sigma_scale)
+        for _ in range(30):
             xs = es.ask()
             es.tell(xs, [float(1e4 * x[0] ** 2 + np.sum(x**2)) for x in xs])
-        spread[diagonal] = es.dC[1:].mean() / es.dC[0]
-    assert spread[True] > 1.5 and spread[False] < 1.1
+        learned = np.sqrt(es.dC) * es.sigma_vec.scaling / stds0
+        spread[diagonal] = learned[1:].mean() / learned[0]
+    assert spread[True] > 1.02 and spread[True] - 1 > 5 * abs(spread[False] - 1)
 
 
 def test_resume_with_other_search_settings_is_refused_and_keeps_the_state(world_run, capsys):

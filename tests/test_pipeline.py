@@ -84,6 +84,14 @@ def test_smoke_run_writes_every_artifact(smoke_run):
     assert (
         len(kept["finalists"]) == 2 and f"| mean of generation {kept['generation']}: " in markdown
     )
+    assert "## How the laps ended" in markdown and "| worst tracks: seed |" in markdown
+    worst = min(report["episodes"], key=lambda e: e["return"])
+    assert (
+        f"| {worst['seed']} | {worst['return']:.1f} | {worst['steps']} | {worst['end']} |"
+        in markdown
+    )
+    assert report["fraction_laps"] == 0  # 60 steps finish no lap
+    assert all(e["end"] in ("timeout", "off_playfield") for e in report["episodes"])
     html = (smoke_run / "report.html").read_text()
     assert html.count("data:image/") >= 5  # curves, reconstructions, traversal, dream, GIF
 
