@@ -7,7 +7,7 @@ An exported agent is one self-contained folder laid out like the run dir it came
 `agent.json`, which records what acting needs besides the weights (the frame crop, the action
 mapping, versions) and where the agent came from. Loading never runs code: weights are
 safetensors with a checksum, everything else is JSON. An agent folder is a valid `--run-dir` for
-`evaluate`, `play` and `dream`.
+`evaluate` and `play`.
 """
 
 from __future__ import annotations
@@ -63,13 +63,10 @@ def load_controller(root: Path, which: str = "mean") -> tuple[torch.Tensor, dict
 
 def frame_crop(root: Path) -> bool:
     """Whether V was trained on frames with the dashboard cropped off (collect's `--crop`)."""
-    for path, key in (
-        (Path(root) / AGENT_META, "crop"),
-        (RunDir(root).data / "config.json", "crop"),
-    ):
+    for path in (Path(root) / AGENT_META, RunDir(root).data / "config.json"):
         if path.exists():
             try:
-                return bool(json.loads(path.read_text()).get(key, True))
+                return bool(json.loads(path.read_text()).get("crop", True))
             except json.JSONDecodeError:
                 raise UserError(f"{path} is corrupt: rerun the command that wrote it") from None
     return True
@@ -89,14 +86,20 @@ def load_world_model(
     )
 
 
-def check_controller_fits(agent: Agent, params: torch.Tensor, root: Path) -> None:
-    """Refuse, in one line, a controller trained on another V or M (its input size differs)."""
+def load_acting_agent(
+    root: Path, which: str = "mean", device: str = "cpu"
+) -> tuple[Agent, torch.Tensor, dict]:
+    """V + M ready to act and C's flat parameters (with its metadata), from a run dir or agent
+    folder; a controller trained on another V or M (its input size differs) is refused in one line."""
+    params, meta = load_controller(root, which)
+    agent = load_world_model(root, device, z_only=bool(meta.get("z_only", False)))
     expected = controller_param_count(agent.input_dim)
     if params.numel() != expected:
         raise UserError(
             f"the controller in {RunDir(root).controller} has {params.numel()} parameters but V and "
             f"M there need {expected}: retrain it (`worldmodels train-controller --force`)"
         )
+    return agent, params, meta
 
 
 def _versions() -> dict[str, str]:
@@ -118,9 +121,7 @@ def export_agent(root: Path, out: Path, which: str = "mean", half: bool = True) 
     `half` stores V and M in float16 (half the size; they are cast back to float32 on load).
     The controller stays float32: it is tiny and its outputs go straight to the car.
     """
-    params, meta = load_controller(root, which)
-    agent = load_world_model(root, z_only=bool(meta.get("z_only", False)))
-    check_controller_fits(agent, params, root)
+    agent, params, meta = load_acting_agent(root, which)
     out = writable_dir(out)
     dtype = torch.float16 if half else torch.float32
     layout = RunDir(out)
@@ -210,9 +211,7 @@ def load_agent(path: Path | str | None = None, device: str = "cpu") -> LoadedAge
     """An exported agent folder (or a run dir with a trained controller), ready to drive;
     with no path, the agent this repository ships."""
     root = Path(path) if path else agent_root(None, pretrained=True)
-    params, meta = load_controller(root)
-    world_model = load_world_model(root, device, z_only=bool(meta.get("z_only", False)))
-    check_controller_fits(world_model, params, root)
+    world_model, params, _ = load_acting_agent(root, device=device)
     info_path = root / AGENT_META
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     return LoadedAgent(world_model, params, info)

@@ -16,12 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worldmodels.artifacts import (
-    agent_root,
-    check_controller_fits,
-    load_controller,
-    load_world_model,
-)
+from worldmodels.artifacts import agent_root, load_acting_agent
 from worldmodels.config import option, save_config
 from worldmodels.envs import (
     BACKENDS,
@@ -150,10 +145,8 @@ def record_episode(agent, params: torch.Tensor, seed: int, cfg: EvaluateConfig) 
 def run(cfg: EvaluateConfig) -> Path:
     cfg.validate()
     source = agent_root(cfg.agent, cfg.pretrained) or cfg.run_dir
-    params, meta = load_controller(source, cfg.controller)
     use_acting_threads(cfg.device)
-    agent = load_world_model(source, cfg.device, z_only=bool(meta.get("z_only", False)))
-    check_controller_fits(agent, params, source)
+    agent, params, meta = load_acting_agent(source, cfg.controller, cfg.device)
     folder = writable_dir(RunDir(results_dir(cfg.run_dir, source)).eval)
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
     log(

@@ -9,12 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worldmodels.artifacts import (
-    agent_root,
-    check_controller_fits,
-    load_controller,
-    load_world_model,
-)
+from worldmodels.artifacts import agent_root, load_acting_agent
 from worldmodels.config import option
 from worldmodels.envs import BACKENDS, MAX_EPISODE_STEPS, make_env
 from worldmodels.envs.gymnasium_backend import ensure_headless_display
@@ -91,9 +86,7 @@ class Window:
 def run(cfg: PlayConfig) -> None:
     cfg.validate()
     source = agent_root(cfg.agent, cfg.pretrained) or cfg.run_dir
-    params, meta = load_controller(source, cfg.controller)
-    agent = load_world_model(source, z_only=bool(meta.get("z_only", False)))
-    check_controller_fits(agent, params, source)
+    agent, params, _ = load_acting_agent(source, cfg.controller)
     window = Window(cfg.fps)
     try:
         with make_env(cfg.env, 1, cfg.max_steps, workers=0) as env:
