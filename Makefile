@@ -10,7 +10,7 @@ RUN_DIR ?= runs/quick
 SEED ?= 0
 export SDL_VIDEODRIVER ?= dummy
 
-.PHONY: install run test bench lint format clean
+.PHONY: install run test test-fast bench lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/worldmodels bench

@@ -49,5 +49,8 @@ def trained_run(tiny_run, tmp_path) -> Path:
     params[3 * input_dim + 1] = 2.0  # the gas bias: the car drives off
     controller = LinearController.from_flat(params)
     arch = {"input_dim": input_dim, "action_dim": 3}
-    save_model(RunDir(root).controller, controller, arch, {"z_only": False, "generation": 1})
+    from worldmodels.artifacts import world_model_sources
+
+    meta = {"z_only": False, "generation": 1, **world_model_sources(root)}
+    save_model(RunDir(root).controller, controller, arch, meta)
     return root

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from worldmodels import artifacts, load_agent
 from worldmodels.artifacts import export_agent, load_world_model
 from worldmodels.cli import main
+from worldmodels.errors import UserError
 from worldmodels.layout import RunDir
 
 
@@ -86,6 +87,33 @@ def test_pretrained_and_agent_flags_fail_in_one_line(trained_run, tmp_path, caps
     assert load_agent().info["controller_generation"] == 1
 
 
+def test_a_controller_trained_with_another_v_is_refused_everywhere(trained_run, tmp_path, capsys):
+    """V retrained after C: evaluate, play, dream --agent's export and load_agent all refuse in
+    one line, and an export carries the checksums of its own (float16) copies."""
+    from worldmodels.checkpoint import save_model
+    from worldmodels.models import ConvVAE
+
+    good = export_agent(trained_run, tmp_path / "good")
+    meta = json.loads((good / "controller" / "model.json").read_text())
+    assert meta["vae_sha256"] == json.loads((good / "vae" / "model.json").read_text())["sha256"]
+    assert load_agent(good).act(_frames(1)).shape == (1, 3)
+
+    vae_meta = json.loads((RunDir(trained_run).vae / "model.json").read_text())
+    torch.manual_seed(1)
+    save_model(RunDir(trained_run).vae, ConvVAE(8, (4, 8, 8, 16)), vae_meta["arch"])
+    for argv in (
+        ["evaluate", "--run-dir", str(trained_run), "--episodes", "1"],
+        ["play", "--run-dir", str(trained_run), "--max-steps", "2", "--fps", "0"],
+        ["export", "--run-dir", str(trained_run), "--out", str(tmp_path / "bad")],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "trained with another V than" in err[0], argv
+    with pytest.raises(UserError, match="another V"):
+        load_agent(trained_run)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_controller_for_another_world_model_is_refused(trained_run, tmp_path, capsys):
     from worldmodels.checkpoint import save_model
     from worldmodels.models import LinearController
@@ -111,6 +139,24 @@ def test_play_drives_an_agent_folder_with_no_run_dir(trained_run, tmp_path, capf
     assert not (out / "eval").exists() and not list(tmp_path.glob("runs"))
 
 
+def test_dream_follows_an_agent_folder_on_real_tracks_with_no_run_dir(trained_run, tmp_path):
+    """The agent drives official tracks; the dream starts from the latent of its first frame and
+    replays its actions; pictures go to the results folder, never into the agent folder."""
+    import imageio.v3 as iio
+
+    out = export_agent(trained_run, tmp_path / "agent", half=False)
+    results = tmp_path / "results"
+    argv = ["--agent", str(out), "--run-dir", str(results), "--steps", "10"]
+    assert main(["dream", *argv, "--error-episodes", "2", "--error-samples", "3"]) == 0
+    assert iio.imread(results / "dream" / "dream.gif", index=None).shape[0] == 11
+    curves = json.loads((results / "dream" / "latent_error.json").read_text())
+    assert curves["error_episodes"] == 2 and len(curves["dream"]) == 11
+    assert curves["dream"][0] == pytest.approx(0, abs=1e-6) and curves["no_change"][0] == 0
+    assert curves["dream"][-1] > 0 and curves["no_change"][-1] > 0  # the car moved; M guessed
+    assert not (out / "dream").exists() and not list(tmp_path.glob("runs"))
+
+
+@pytest.mark.slow
 def test_the_readme_notebook_snippet_runs(trained_run, tmp_path, monkeypatch, capsys):
     """The README's snippet, as a user would paste it, on a tiny exported agent."""
     from pathlib import Path

@@ -47,6 +47,7 @@ def test_resume_repairs_damage_and_recollects_identical_episodes(tmp_path):
     assert (folder / "episode_000004.npz").stat().st_mtime_ns == mtime_untouched  # not redone
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_gives_exactly_n_valid_episodes(tmp_path):
     args = [
         "collect",

@@ -13,11 +13,13 @@ from worldmodels.agent import Agent
 from worldmodels.artifacts import load_controller, load_world_model
 from worldmodels.checkpoint import save_model
 from worldmodels.cli import main
-from worldmodels.envs import make_env
+from worldmodels.envs import BatchedEnv, make_env
+from worldmodels.evaluators import Played
 from worldmodels.layout import RunDir
 from worldmodels.metrics import read_metrics
 from worldmodels.models import MDNRNN, ConvVAE, LinearController, controller_param_count
 from worldmodels.rollout import run_episodes
+from worldmodels.search import SearchState
 from worldmodels.stages import evaluate, train_controller
 
 VAE_ARCH = {"z_dim": 8, "channels": [4, 8, 8, 16]}
@@ -158,6 +160,63 @@ def test_selection_keeps_the_finalist_that_plays_best_on_fresh_tracks(world_run)
     assert replay.returns.mean() == pytest.approx(winner["select_mean"], abs=1e-3)
 
 
+def test_two_searches_run_side_by_side_until_the_cull_then_the_better_one_goes_on(
+    world_run, tmp_path_factory
+):
+    """Before the cull both searches play and are checked; after it only the one whose last two
+    checks average best is stepped, checked and saved, also across a resume."""
+    other = tmp_path_factory.mktemp("two_searches")
+    shutil.copytree(world_run, other, dirs_exist_ok=True)
+    kw = {"searches": 2, "cull_after": 2, "check_every": 1, "select_top": 0, "force": False}
+    folder = _train(world_run, generations=2, **kw)
+    _train(world_run, generations=4, **kw)  # resumes after the cull
+    straight = _train(other, generations=4, **kw)
+    rows = read_metrics(folder / "metrics.jsonl")
+    assert [r["generation"] for r in rows] == [1, 2, 3, 4]
+    both = [(r["check_mean_search0"], r["check_mean_search1"]) for r in rows[:2]]
+    winner = int(np.argmax(np.mean(both, axis=0)))
+    assert all(r["check_mean"] == max(pair) for r, pair in zip(rows, both))
+    assert all(
+        list(r).count("check_mean_search0") + list(r).count("check_mean_search1") == 1
+        and f"check_mean_search{winner}" in r
+        for r in rows[2:]
+    )
+    state = json.loads((folder / train_controller.ES_STATE).read_text())
+    stepped = [[k for k, _ in generation] for generation in state["told"]]
+    assert state["alive"] == [winner] and stepped == [[0, 1], [0, 1], [winner], [winner]]
+    saved = load_controller(world_run)[0].numpy()
+    np.testing.assert_allclose(saved, state["means"][winner], rtol=1e-6, atol=1e-7)
+    for a, b in zip(rows, read_metrics(straight / "metrics.jsonl")):
+        assert a["check_mean"] == pytest.approx(b["check_mean"], abs=1e-4)
+
+
+def test_deterministic_training_repeats_bit_for_bit(world_run, tmp_path_factory):
+    """Lockstep envs: two runs of one seed give the same controller bytes and the same rows."""
+    other = tmp_path_factory.mktemp("deterministic")
+    shutil.copytree(world_run, other, dirs_exist_ok=True)
+    kw = {"deterministic": True}
+    first_run, second_run = _train(world_run, 3, **kw), _train(other, 3, **kw)
+    for name in ("model.safetensors", "best/model.safetensors", "selection.json"):
+        assert (first_run / name).read_bytes() == (second_run / name).read_bytes()
+    strip = [
+        {k: v for k, v in r.items() if k not in ("steps_per_s", "seconds")}
+        for r in read_metrics(first_run / "metrics.jsonl")
+    ]
+    again = [
+        {k: v for k, v in r.items() if k not in ("steps_per_s", "seconds")}
+        for r in read_metrics(second_run / "metrics.jsonl")
+    ]
+    assert strip == again and len(strip) == 3
+
+
+def test_several_searches_need_checks_to_choose_by(world_run, capsys):
+    argv = ["train-controller", "--run-dir", str(world_run), "--searches", "2"]
+    assert main([*argv, "--check-every", "0"]) == 2
+    assert main([*argv, "--check-every", "5", "--cull-after", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("--cull-after" in line for line in err)
+
+
 def test_evaluate_writes_the_protocol_and_statistics(world_run):
     _train(world_run, generations=1)
     cfg = evaluate.EvaluateConfig(
@@ -180,6 +239,19 @@ def test_evaluate_writes_the_protocol_and_statistics(world_run):
     import imageio.v3 as iio
 
     assert iio.imread(gifs[0]).shape[0] == 15  # every 2nd of 30 frames
+
+
+def test_evaluation_returns_do_not_depend_on_the_worker_processes(trained_run):
+    """Each car acts on its own frame, so which cars' steps came back together from the worker
+    processes cannot change a single return: in-process and 3 workers agree bit for bit."""
+    returns = []
+    for workers in ("0", "3"):
+        argv = ["evaluate", "--run-dir", str(trained_run), "--episodes", "5", "--max-steps", "60"]
+        assert main([*argv, "--gif", "0", "--workers", workers]) == 0
+        report = json.loads((RunDir(trained_run).eval / "eval.json").read_text())
+        assert report["protocol"]["deterministic"] is True
+        returns.append([e["return"] for e in report["episodes"]])
+    assert returns[0] == returns[1] and len(set(returns[0])) > 1
 
 
 def test_missing_controller_says_what_to_run(world_run, capsys):
@@ -246,6 +318,39 @@ def test_lap_outcomes_tell_a_finished_lap_from_the_playfield_edge():
     assert summary["fraction_below_600"] == pytest.approx(1 / 3)
 
 
+class _ScriptedEnds(BatchedEnv):
+    """Slot 0 finishes its lap on step 3 (a last tile, +3.2), slot 1 leaves the playfield on
+    step 2 (-100), slot 2 plays to the step limit."""
+
+    def _reset(self, seeds):
+        return np.zeros((self.num_envs, 96, 96, 3), np.uint8)
+
+    def _step(self, ids, actions):
+        steps = self.steps[ids] + 1
+        lap, off = (ids == 0) & (steps == 3), (ids == 1) & (steps == 2)
+        reward = np.where(lap, 3.2, np.where(off, -100.0, 1.0)).astype(np.float32)
+        return np.zeros((len(ids), 96, 96, 3), np.uint8), reward, lap | off
+
+
+def test_a_lap_is_told_from_leaving_the_playfield_and_earns_the_lap_bonus(world_run):
+    """Both end the episode (terminated); only the one with every tile visited is a lap, and
+    only a lap gets --lap-bonus added to its training fitness."""
+    agent = load_world_model(world_run)
+    controllers = torch.zeros(3, controller_param_count(agent.input_dim))
+    result = run_episodes(_ScriptedEnds(3, max_steps=5), agent, controllers, [0, 1, 2])
+    assert result.terminated.tolist() == [True, True, False]
+    assert result.laps.tolist() == [True, False, False]
+
+    class Scripted:
+        def play(self, params, seeds, early_stop=0, max_steps=None):
+            played = run_episodes(_ScriptedEnds(3, max_steps=5), agent, controllers, seeds)
+            return Played(played.returns, played.env_steps, played.laps)
+
+    plain, _ = train_controller.evaluate_candidates(Scripted(), np.zeros((3, 1)), [0], 0)
+    bonus, _ = train_controller.evaluate_candidates(Scripted(), np.zeros((3, 1)), [0], 0, 50.0)
+    assert (bonus - plain).tolist() == [50.0, 0.0, 0.0]
+
+
 def test_check_plays_its_own_step_limit_not_the_training_one(world_run):
     """Training episodes may be short; the check and selection play the length evaluation does."""
     agent = load_world_model(world_run)
@@ -283,7 +388,7 @@ def test_diagonal_cma_learns_the_variances_faster(world_run):
         cfg = train_controller.TrainControllerConfig(
             run_dir=world_run, population=8, diagonal=diagonal
         )
-        es = train_controller._new_state(cfg, agent)["es"]
+        es = SearchState.new(train_controller._settings(cfg, agent)).optimizers[0]
         stds0 = train_controller.initial_stds(agent, cfg.h_sigma_scale)
         for _ in range(30):
             xs = es.ask()
@@ -301,6 +406,48 @@ def test_resume_with_other_search_settings_is_refused_and_keeps_the_state(world_
     err = capsys.readouterr().err.strip()
     assert "population=4, not 6" in err and "--force" in err and len(err.splitlines()) == 1
     assert (folder / train_controller.ES_STATE).read_bytes() == state
+
+
+class _Payload:
+    """Unpickling this writes a file: the proof that a pickle was loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_planted_pickle_state_is_never_loaded(world_run, tmp_path, capsys):
+    import pickle
+
+    folder = RunDir(world_run).controller
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = tmp_path / "pwned"
+    (folder / train_controller.PICKLED_STATE).write_bytes(pickle.dumps(_Payload(marker)))
+    argv = ["train-controller", "--run-dir", str(world_run), "--generations", "1"]
+    small = ["--population", "4", "--rollouts", "1", "--max-steps", "20", "--check-every", "0"]
+    assert main([*argv, *small]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--force" in err[0] and not marker.exists()
+    assert main([*argv, *small, "--force"]) == 0 and not marker.exists()
+    state = json.loads((folder / train_controller.ES_STATE).read_text())
+    assert state["generation"] == 1 and len(state["told"][0][0][1]) == 4
+
+
+def test_a_state_that_does_not_replay_to_its_means_is_refused(world_run, capsys):
+    folder = _train(world_run, generations=1, check_every=0, select_top=0)
+    path = folder / train_controller.ES_STATE
+    state = json.loads(path.read_text())
+    costs = state["told"][0][0][1]
+    state["told"][0][0][1] = [-c for c in costs]  # the ranking inverted: the replayed mean moves
+    path.write_text(json.dumps(state))
+    argv = ["train-controller", "--run-dir", str(world_run), "--generations", "2"]
+    small = ["--population", "4", "--max-steps", "40", "--check-steps", "40", "--early-stop", "0"]
+    same = ["--rollouts", "2", "--check-episodes", "2", "--check-every", "0", "--select-top", "0"]
+    assert main([*argv, *small, *same]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "replay" in err[0]
 
 
 def test_a_missing_cuda_device_is_one_line(trained_run, capsys):

@@ -18,13 +18,13 @@ from worldmodels.artifacts import load_mdnrnn
 from worldmodels.checkpoint import save_model
 from worldmodels.cli import main
 from worldmodels.data import load_episode, open_episodes
-from worldmodels.dream import DreamEnv, MDNStepper, dream_rollout, sample_mixture
+from worldmodels.data.latents import LatentEpisode, chunks, load_latents, make_batch, open_latents
+from worldmodels.dream import DreamEnv, dream_rollout
 from worldmodels.errors import UserError
 from worldmodels.layout import RunDir
 from worldmodels.metrics import read_metrics
-from worldmodels.models import MDNRNN, ConvVAE, frames_to_tensor, sample_next_z
+from worldmodels.models import MDNRNN, ConvVAE, frames_to_tensor
 from worldmodels.stages import dream, encode, train_mdnrnn
-from worldmodels.stages.encode import LatentEpisode, load_latents, open_latents
 
 TINY_ARCH = {"z_dim": 8, "channels": [8, 16, 16, 32]}
 
@@ -137,13 +137,13 @@ def _latent_episode(steps: int, terminated: bool) -> LatentEpisode:
 
 def test_done_target_is_one_only_at_the_end_of_terminated_episodes():
     short, long = _latent_episode(3, terminated=True), _latent_episode(5, terminated=False)
-    batch = train_mdnrnn.make_batch([short, long], np.random.default_rng(0))
+    batch = make_batch([short, long], np.random.default_rng(0))
     assert batch.z.shape == (2, 6, 4) and batch.actions.shape == (2, 5, 3)
     assert batch.done.tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 0, 0]]
     assert batch.mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
     np.testing.assert_allclose(batch.z[0, :4].numpy(), short.mu, atol=1e-6)
     assert float(batch.z[0, 4:].abs().sum()) == 0  # padding
-    pieces = list(train_mdnrnn.chunks(batch, 2, "cpu"))
+    pieces = list(chunks(batch, 2, "cpu"))
     assert [p[0].shape[1] for p in pieces] == [2, 2, 1]
     torch.testing.assert_close(pieces[1][2], batch.z[:, 3:5])  # targets are z_{t+1}
 
@@ -187,6 +187,7 @@ def test_train_mdnrnn_refuses_to_mix_latents_of_another_vae(tmp_path, encoded_ru
     train_mdnrnn.run(_train_cfg(root, epochs=1, force=True))
 
 
+@pytest.mark.slow
 def test_kill_9_during_train_mdnrnn_then_rerun_resumes(tmp_path, encoded_run, capsys):
     root = _new_run(tmp_path, encoded_run, ("data", "vae", "latents"))
     epochs = 60  # ~50 ms each: the kill lands a few epochs in
@@ -224,45 +225,6 @@ def _tiny_mdnrnn() -> MDNRNN:
     with torch.no_grad():
         model.head.bias[: 3 * 8].view(3, 8).add_(torch.tensor([[0.0], [3.0], [6.0]]))
     return model
-
-
-def test_stepper_gives_the_same_outputs_as_training_on_whole_sequences():
-    model = _tiny_mdnrnn()
-    z, a = torch.randn(4, 9, 8), torch.randn(4, 9, 3)
-    with torch.no_grad():
-        seq, (h_seq, c_seq) = model(z, a)
-    stepper = MDNStepper(model)
-    h, c = torch.zeros(4, 16), torch.zeros(4, 16)
-    steps = []
-    for t in range(9):
-        head, h, c = stepper(z[:, t], a[:, t], h, c)
-        steps.append(stepper.mdn_output(head))
-    for name in ("logpi", "mu", "logsigma", "reward", "done_logit"):
-        stepped = torch.cat([getattr(o, name) for o in steps], dim=1)
-        torch.testing.assert_close(stepped, getattr(seq, name), atol=1e-5, rtol=0)
-    torch.testing.assert_close(h, h_seq[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(c, c_seq[0], atol=1e-5, rtol=0)
-
-
-def test_fast_mixture_sampling_matches_sample_next_z_in_distribution():
-    model = _tiny_mdnrnn()
-    with torch.no_grad():
-        out, _ = model(torch.randn(1, 1, 8), torch.randn(1, 1, 3))
-    head = torch.cat(
-        [
-            out.logpi.flatten(),
-            out.mu.flatten(),
-            out.logsigma.flatten(),
-            out.reward.flatten(),
-            out.done_logit.flatten(),
-        ]
-    ).expand(20_000, -1)
-    gen = torch.Generator().manual_seed(0)
-    fast = sample_mixture(head, 3, 8, 1.0, gen)
-    batch = type(out)(*(x.expand(20_000, *x.shape[1:]) for x in vars(out).values()))
-    ref = sample_next_z(batch, 1.0, gen)
-    torch.testing.assert_close(fast.mean(0), ref.mean(0), atol=0.05, rtol=0.05)
-    torch.testing.assert_close(fast.std(0), ref.std(0), atol=0.05, rtol=0.05)
 
 
 def test_dream_env_shapes_and_reproducibility():

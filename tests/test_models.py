@@ -172,23 +172,16 @@ def test_mdnrnn_sequence_equals_step_by_step():
     a = torch.randn(b, t, 3)
     with torch.no_grad():
         seq, (h_seq, c_seq) = model(z, a)
-        state = model.initial_state(b, z.device)
+        h, c = torch.zeros(b, 16), torch.zeros(b, 16)
         steps = []
-        for i in range(t):
-            out, state = model.step(z[:, i], a[:, i], state)
-            steps.append(out)
+        for i in range(t):  # the one way acting and dreaming step M
+            h, c = model.advance(z[:, i], a[:, i], h, c)
+            steps.append(model.predict(h))
 
     assert seq.logpi.shape == (b, t, 3, 8) and seq.reward.shape == (b, t)
     for name in ("logpi", "mu", "logsigma", "reward", "done_logit"):
         stepped = torch.cat([getattr(o, name) for o in steps], dim=1)
         torch.testing.assert_close(stepped, getattr(seq, name), atol=1e-5, rtol=0)
-    torch.testing.assert_close(state[0], h_seq, atol=1e-5, rtol=0)
-    torch.testing.assert_close(state[1], c_seq, atol=1e-5, rtol=0)
-    # the acting path (one fused cell, no head) walks the same memory
-    h, c = torch.zeros(b, 16), torch.zeros(b, 16)
-    with torch.no_grad():
-        for i in range(t):
-            h, c = model.advance(z[:, i], a[:, i], h, c)
     torch.testing.assert_close(h, h_seq[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(c, c_seq[0], atol=1e-5, rtol=0)
     assert torch.allclose(seq.logpi.exp().sum(dim=-2), torch.ones(b, t, 8), atol=1e-5)
@@ -236,6 +229,21 @@ def test_sample_next_z_low_temperature_picks_dominant_mean():
         sample = sample_next_z(_step_output(logpi, mu, logsigma), temperature=tau, generator=g)
         assert sample.shape == (b, z) and torch.isfinite(sample).all()
         torch.testing.assert_close(sample, mu[:, 0, 1], atol=0.02, rtol=0)
+
+
+def test_sample_next_z_picks_components_by_their_weights_and_temperature():
+    """Far-apart component means tell which one was drawn: at τ = 1 as often as its weight,
+    at τ = 0.5 as often as its weight squared, renormalised."""
+    n, weights = 40_000, torch.tensor([0.2, 0.5, 0.3])
+    logpi = weights.log().view(1, 3, 1).expand(n, 3, 2)
+    mu = torch.tensor([0.0, 100.0, 200.0]).view(1, 3, 1).expand(n, 3, 2)
+    logsigma = torch.full((n, 3, 2), -5.0)
+    out = MDNOutput(logpi, mu, logsigma, torch.zeros(n), torch.zeros(n))
+    for tau, expected in ((1.0, weights), (0.5, weights**2 / (weights**2).sum())):
+        sample = sample_next_z(out, tau, torch.Generator().manual_seed(1))
+        drawn = torch.round(sample / 100).long()
+        freq = torch.stack([(drawn == k).float().mean() for k in range(3)])
+        torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
 
 
 def test_sample_next_z_unit_temperature_matches_sigma():

@@ -16,6 +16,7 @@ from worldmodels.evaluators import EpisodeSettings, LocalEvaluator, RayEvaluator
 from worldmodels.models import MDNRNN, ConvVAE, controller_param_count
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # starts a Ray instance
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +82,12 @@ def test_a_killed_ray_worker_does_not_lose_the_generation(local_ray):
     assert killed is not None, "no Ray worker was caught running a chunk"
     assert "played" in result, "the generation was lost with the killed worker"
     np.testing.assert_allclose(result["played"].returns, expected, atol=1e-3)
+
+
+def test_ray_tasks_that_take_too_long_end_in_one_line_not_a_hang(local_ray):
+    from worldmodels.errors import UserError
+
+    params, seeds = generation(count=2)
+    remote = RayEvaluator(tiny_agent(), EpisodeSettings("envpool", 200), chunks=2, timeout_s=0.01)
+    with pytest.raises(UserError, match="gave no result in 0.01 s"):
+        remote.play(params, seeds)

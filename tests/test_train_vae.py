@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodels import cli
+from worldmodels import cli, runtime, vae_speed
 from worldmodels.artifacts import load_vae
 from worldmodels.data import iterate_frame_batches, open_episodes, split_by_episode
 from worldmodels.layout import RunDir
@@ -98,7 +98,7 @@ def _val_sse(model: ConvVAE, run_dir: Path) -> float:
     folder = RunDir(run_dir).episodes
     _, val = split_by_episode(open_episodes(folder), tv.TrainVAEConfig().val_fraction)
     batches = iterate_frame_batches(folder, val, 64)
-    return tv.evaluate(model, batches, torch.device("cpu"), tv.Speed(), 0.5)["val_sse"]
+    return tv.evaluate(model, batches, torch.device("cpu"), vae_speed.Speed(), 0.5)["val_sse"]
 
 
 def test_two_epochs_learn_and_keep_the_best_model(trained):
@@ -144,7 +144,7 @@ def test_resume_trains_only_the_missing_epochs(run_dir, trained, epoch_calls, ca
 
 
 def test_crash_mid_epoch_resumes_from_last_checkpoint(run_dir, trained, monkeypatch):
-    real_step = tv.train_step
+    real_step = vae_speed.train_step
     pointer = RunDir(run_dir).vae / "ckpt" / "checkpoint.json"
     steps_after_checkpoint = []
 
@@ -185,6 +185,44 @@ def test_corrupt_checkpoint_is_refused_in_one_line(run_dir, capsys, epoch_calls)
     assert cli.main([*argv, "--force=true"]) == 0  # starting over is the way out
     assert len(epoch_calls) == 1 + 2
     assert [r["epoch"] for r in _rows(run_dir)] == [1, 2]
+
+
+def _flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 8] = bytes(b ^ 0xFF for b in data[len(data) // 2 :][:8])
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_last_epoch_falls_back_to_the_one_before(run_dir, trained, epoch_calls, capsys):
+    """The epoch before the last stays on disk: damage to the last costs one epoch, no --force,
+    and the run ends exactly as the undamaged one did."""
+    tv.run(_cfg(run_dir, epochs=2))
+    ckpt = RunDir(run_dir).vae / "ckpt"
+    assert sorted(p.name for p in ckpt.glob("epoch_*.safetensors")) == [
+        "epoch_0001.safetensors",
+        "epoch_0002.safetensors",
+    ]
+    _flip_bytes(ckpt / "epoch_0002.safetensors")
+    (RunDir(run_dir).vae / "model.json").unlink()  # as if killed before the model was written
+    capsys.readouterr()
+    assert cli.main(["train-vae", f"--run-dir={run_dir}", "--epochs=2", *TINY_FLAGS]) == 0
+    assert "epoch 2 damaged; resuming from epoch 1" in capsys.readouterr().err
+    assert len(epoch_calls) == 2 + 1  # epoch 2 trained again, nothing more
+    assert [r["epoch"] for r in _rows(run_dir)] == [1, 2]
+    assert _rows(run_dir)[-1]["val_sse"] == pytest.approx(_rows(trained)[-1]["val_sse"], rel=1e-4)
+
+
+def test_a_damaged_final_model_is_written_again_from_the_checkpoint(run_dir, epoch_calls, capsys):
+    tv.run(_cfg(run_dir, epochs=1))
+    model = RunDir(run_dir).vae / "model.safetensors"
+    good = model.read_bytes()
+    _flip_bytes(model)
+    with pytest.raises(Exception, match="rerun `worldmodels train-vae`; it writes the model"):
+        load_vae(run_dir)
+    capsys.readouterr()
+    assert cli.main(["train-vae", f"--run-dir={run_dir}", "--epochs=1", *TINY_FLAGS]) == 0
+    assert "damaged: writing it again" in capsys.readouterr().err
+    assert model.read_bytes() == good and len(epoch_calls) == 1  # healed, nothing retrained
 
 
 def test_missing_data_says_run_collect(tmp_path, capsys):
@@ -233,37 +271,41 @@ def test_auto_speed_picks_a_measured_option_that_keeps_the_loss(trained):
     device = torch.device("cpu")
     frames = tv.first_frames(RunDir(trained).episodes, open_episodes(RunDir(trained).episodes), 32)
     torch.manual_seed(0)
-    speed, results = tv.choose_speed(cfg, ConvVAE(8, (8, 16, 16, 32)), frames, device)
-    assert list(results) == tv.speed_candidates(cfg, device)
-    assert speed in results and tv.keeps_loss(results[speed], results[tv.Speed()])
-    assert results[speed].img_per_s >= results[tv.Speed()].img_per_s
+    speed, results = vae_speed.choose_speed(cfg, ConvVAE(8, (8, 16, 16, 32)), frames, device)
+    assert list(results) == vae_speed.speed_candidates(cfg, device)
+    assert speed in results and vae_speed.keeps_loss(results[speed], results[vae_speed.Speed()])
+    assert results[speed].img_per_s >= results[vae_speed.Speed()].img_per_s
 
 
-def _result(img_per_s: float, loss: float) -> tv.SpeedResult:
-    return tv.SpeedResult(img_per_s, [1000.0, loss], model=None)
+def _result(img_per_s: float, loss: float) -> vae_speed.SpeedResult:
+    return vae_speed.SpeedResult(img_per_s, [1000.0, loss], model=None)
 
 
 def test_pick_fastest_needs_the_same_loss_and_a_clear_gain():
-    fp32, cl, bf16 = tv.Speed(), tv.Speed(channels_last=True), tv.Speed(bf16=True)
-    assert tv.pick_fastest({fp32: _result(100, 500), bf16: _result(150, 505)}) == bf16
+    fp32, cl, bf16 = (
+        vae_speed.Speed(),
+        vae_speed.Speed(channels_last=True),
+        vae_speed.Speed(bf16=True),
+    )
+    assert vae_speed.pick_fastest({fp32: _result(100, 500), bf16: _result(150, 505)}) == bf16
     # bf16 is faster but its loss moved by 10%: the next fastest that keeps it wins.
-    picked = tv.pick_fastest(
+    picked = vae_speed.pick_fastest(
         {fp32: _result(100, 500), cl: _result(120, 500), bf16: _result(300, 550)}
     )
     assert picked == cl
-    assert tv.pick_fastest({fp32: _result(100, 500), bf16: _result(300, math.nan)}) == fp32
-    assert tv.pick_fastest({fp32: _result(100, 500), cl: _result(103, 500)}) == fp32  # noise
+    assert vae_speed.pick_fastest({fp32: _result(100, 500), bf16: _result(300, math.nan)}) == fp32
+    assert vae_speed.pick_fastest({fp32: _result(100, 500), cl: _result(103, 500)}) == fp32  # noise
 
 
 def test_bf16_is_not_a_candidate_without_native_bf16(monkeypatch):
     cfg = tv.TrainVAEConfig()
-    monkeypatch.setattr(tv, "cpu_supports_fast_bf16", lambda: False)
-    names = [s.name for s in tv.speed_candidates(cfg, torch.device("cpu"))]
+    monkeypatch.setattr(runtime, "cpu_supports_fast_bf16", lambda: False)
+    names = [s.name for s in vae_speed.speed_candidates(cfg, torch.device("cpu"))]
     assert names == ["fp32", "fp32+channels_last"]
-    monkeypatch.setattr(tv, "cpu_supports_fast_bf16", lambda: True)
-    assert len(tv.speed_candidates(cfg, torch.device("cpu"))) == 4
+    monkeypatch.setattr(runtime, "cpu_supports_fast_bf16", lambda: True)
+    assert len(vae_speed.speed_candidates(cfg, torch.device("cpu"))) == 4
     fixed = tv.TrainVAEConfig(precision="bf16", channels_last="on")
-    assert tv.speed_candidates(fixed, torch.device("cpu")) == [tv.Speed(True, True)]
+    assert vae_speed.speed_candidates(fixed, torch.device("cpu")) == [vae_speed.Speed(True, True)]
 
 
 def test_early_stop_counts_epochs_without_improvement():

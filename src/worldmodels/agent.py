@@ -14,13 +14,7 @@ import torch
 
 from worldmodels.envs import preprocess_frames
 from worldmodels.models import MDNRNN, ConvVAE, batched_controller_actions
-from worldmodels.runtime import cpu_supports_fast_bf16
-
-
-def bf16_encoder_is_fast(device: torch.device) -> bool:
-    """bf16 + channels_last encodes a batch of 32 frames 3x faster than fp32 on a CPU with AMX
-    (1.7 vs 5.2 ms, `make bench`), but is 10-25x slower on one without native bf16."""
-    return device.type == "cuda" or (device.type == "cpu" and cpu_supports_fast_bf16())
+from worldmodels.runtime import bf16_is_fast
 
 
 def encoder_copy(vae: ConvVAE, dtype: torch.dtype) -> ConvVAE:
@@ -44,7 +38,7 @@ class Agent:
     ):
         self.device = torch.device(device)
         self.vae = vae.to(self.device).eval()
-        self.bf16 = bf16_encoder_is_fast(self.device) if bf16 is None else bf16
+        self.bf16 = bf16_is_fast(self.device) if bf16 is None else bf16
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.encoder = encoder_copy(self.vae, self.dtype)
         self.mdnrnn = mdnrnn.to(self.device).eval()
@@ -52,7 +46,10 @@ class Agent:
         self.z_only = z_only
         self.h = torch.zeros(0, mdnrnn.hidden, device=self.device)
         self.c = torch.zeros_like(self.h)
-        self.last_z = torch.zeros(0, vae.z_dim, device=self.device)
+        # Float results of a batched conv or matmul depend on the batch they ran in; with worker
+        # processes that batch is whichever cars came back together, so a track's return could
+        # differ run to run. One car at a time makes every step's numbers the same each run.
+        self.one_at_a_time = False
 
     @property
     def input_dim(self) -> int:
@@ -62,13 +59,16 @@ class Agent:
         """Fresh memory for every slot: called at the start of every batch of episodes."""
         self.h = torch.zeros(num_envs, self.mdnrnn.hidden, device=self.device)
         self.c = torch.zeros_like(self.h)
-        self.last_z = torch.zeros(num_envs, self.vae.z_dim, device=self.device)
 
-    @torch.inference_mode()
     def encode(self, frames: np.ndarray) -> torch.Tensor:
         """Raw (N,96,96,3) frames → latent means (N, z_dim): μ, not a sample, so acting is
         deterministic given the frame."""
-        small = torch.from_numpy(preprocess_frames(frames, crop=self.crop)).to(self.device)
+        return self.encode_small(preprocess_frames(frames, crop=self.crop))
+
+    @torch.inference_mode()
+    def encode_small(self, small_frames: np.ndarray) -> torch.Tensor:
+        """V's (N,64,64,3) uint8 input frames → latent means (N, z_dim)."""
+        small = torch.from_numpy(np.ascontiguousarray(small_frames)).to(self.device)
         # NHWC uint8 permuted is already channels_last in memory: no copy before the cast.
         x = small.permute(0, 3, 1, 2).to(self.dtype).mul_(1.0 / 255.0)
         return self.encoder.encode_mean(x).float()
@@ -82,11 +82,17 @@ class Agent:
         `params` holds one flat controller per slot in `ids` (P, n_params). The memory of those
         slots advances by one step with the chosen actions.
         """
-        index = torch.as_tensor(np.arange(len(self.h)) if ids is None else ids, device=self.device)
+        ids = np.arange(len(self.h)) if ids is None else np.asarray(ids)
+        if self.one_at_a_time and len(ids) > 1:
+            rows = [
+                self.act(frames[i : i + 1], params[i : i + 1], ids[i : i + 1])
+                for i in range(len(ids))
+            ]
+            return np.concatenate(rows)
+        index = torch.as_tensor(ids, device=self.device)
         z = self.encode(frames)
         h, c = self.h[index], self.c[index]
         inputs = z if self.z_only else torch.cat([z, h], dim=1)
         actions = batched_controller_actions(params.to(self.device), inputs)
         self.h[index], self.c[index] = self.mdnrnn.advance(z, actions, h, c)
-        self.last_z[index] = z
         return actions.cpu().numpy()

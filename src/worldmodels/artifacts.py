@@ -32,6 +32,7 @@ AGENT_META = "agent.json"
 AGENT_FORMAT = 1
 ACTION_MAPPING = "steer = tanh(a0); gas = (tanh(a1) + 1) / 2; brake = clip(tanh(a2), 0, 1)"
 PRETRAINED = Path(__file__).resolve().parents[2] / "pretrained"  # the agent the repo ships
+DEFAULT_RUN_DIR = Path("runs/default")  # what --run-dir means when not given
 
 
 def load_vae(root: Path) -> ConvVAE:
@@ -86,12 +87,30 @@ def load_world_model(
     )
 
 
+def world_model_sources(root: Path) -> dict[str, str]:
+    """The checksums of the V and M weights in `root`: a controller records the pair it was
+    trained with, and only acts with that pair."""
+    layout = RunDir(root)
+    return {
+        "vae_sha256": read_model_meta(layout.vae, "train-vae")["sha256"],
+        "mdnrnn_sha256": read_model_meta(layout.mdnrnn, "train-mdnrnn")["sha256"],
+    }
+
+
 def load_acting_agent(
     root: Path, which: str = "mean", device: str = "cpu"
 ) -> tuple[Agent, torch.Tensor, dict]:
     """V + M ready to act and C's flat parameters (with its metadata), from a run dir or agent
     folder; a controller trained on another V or M (its input size differs) is refused in one line."""
     params, meta = load_controller(root, which)
+    current = world_model_sources(root)
+    changed = [k.split("_")[0] for k, sha in current.items() if meta.get(k, sha) != sha]
+    if changed:
+        names = " and ".join({"vae": "V", "mdnrnn": "M"}[k] for k in changed)
+        raise UserError(
+            f"the controller in {RunDir(root).controller} was trained with another {names} than "
+            f"the one in {root} now: retrain it (`worldmodels train-controller --force`)"
+        )
     agent = load_world_model(root, device, z_only=bool(meta.get("z_only", False)))
     expected = controller_param_count(agent.input_dim)
     if params.numel() != expected:
@@ -131,6 +150,7 @@ def export_agent(root: Path, out: Path, which: str = "mean", half: bool = True) 
     save_model(layout.mdnrnn, agent.mdnrnn.to(dtype), mdn_meta["arch"], {"dtype": str(dtype)})
     controller = LinearController.from_flat(params)
     ctrl_meta = {k: v for k, v in meta.items() if k not in ("arch", "sha256")}
+    ctrl_meta.update(world_model_sources(out))  # the copies it now acts with
     save_model(layout.controller, controller, meta["arch"], ctrl_meta)
     evaluation = RunDir(root).eval / "eval.json"
     if evaluation.exists():
@@ -176,6 +196,14 @@ def agent_root(agent: Path | None, pretrained: bool) -> Path | None:
             f"{AGENT_FORMAT}: export it again with this version"
         )
     return Path(agent)
+
+
+def results_dir(run_dir: Path, source: Path) -> Path:
+    """Where an agent's results go: the run dir, or runs/<agent name> for an agent folder when
+    no --run-dir was given (never into the agent folder itself, which may be the shipped one)."""
+    if Path(source) == Path(run_dir) or Path(run_dir) != DEFAULT_RUN_DIR:
+        return Path(run_dir)
+    return Path("runs") / Path(source).resolve().name
 
 
 class LoadedAgent:

@@ -252,9 +252,9 @@ def mdnrnn_train(cfg: BenchConfig) -> dict:
     32-step chunks (truncated BPTT), forward + backward + Adam, through the stage's own code."""
     import torch
 
+    from worldmodels.data.latents import LatentEpisode, make_batch
     from worldmodels.models import MDNRNN
-    from worldmodels.stages.encode import LatentEpisode
-    from worldmodels.stages.train_mdnrnn import Averages, TrainMDNRNNConfig, make_batch, train_batch
+    from worldmodels.stages.train_mdnrnn import Averages, TrainMDNRNNConfig, train_batch
 
     rng = np.random.default_rng(0)
     steps, tcfg = 320, TrainMDNRNNConfig(batch_size=64, seq_len=32)
@@ -333,35 +333,36 @@ def vae_train(cfg: BenchConfig) -> dict:
     """V training img/s for plain fp32 and each speed option train-vae considers, in one run.
 
     Every option trains its own copy of one full-size VAE, interleaved step by step on the same
-    real batches with the same noise (20 steps, batch 100); it "keeps the loss" if its
-    held-out SSE afterwards is within 5% of fp32's (fp32 vs its channels_last twin, the same
-    maths, already differ by about 1.5%). `default` is what `train-vae` picks at startup here,
-    by its own short measurement.
+    real batches with the same noise (20 steps, batch 100); whether it "keeps the loss" is
+    train-vae's own rule (`vae_speed.keeps_loss`), and its held-out SSE afterwards is shown
+    beside it. `default` is what `train-vae` picks at startup here, by its own short measurement.
     """
     import torch
 
+    from worldmodels import vae_speed
     from worldmodels.models import ConvVAE
-    from worldmodels.runtime import pick_device
-    from worldmodels.stages import train_vae as tv
+    from worldmodels.runtime import bf16_is_fast, pick_device
+    from worldmodels.stages.train_vae import TrainVAEConfig, evaluate
 
-    tcfg, steps, tolerance = tv.TrainVAEConfig(), 20, 0.05
+    tcfg, steps = TrainVAEConfig(), 20
     train, held_out = _vae_frames()
     batch = tcfg.batch_size
     batches = [train[i : i + batch] for i in range(0, len(train) - batch + 1, batch)]
     device = pick_device("auto")
-    candidates = tv.speed_candidates(tcfg, device)
+    candidates = vae_speed.speed_candidates(tcfg, device)
     torch.manual_seed(0)
     model = ConvVAE(tcfg.z_dim, tcfg.channels)
-    results = tv.measure_speeds(candidates, model, batches, device, tcfg.lr, tcfg.free_bits, steps)
+    results = vae_speed.measure_speeds(
+        candidates, model, batches, device, tcfg.lr, tcfg.free_bits, steps
+    )
     val_sse = {
-        s: tv.evaluate(r.model, [held_out], device, s, tcfg.free_bits)["val_sse"]
+        s: evaluate(r.model, [held_out], device, s, tcfg.free_bits)["val_sse"]
         for s, r in results.items()
     }
     baseline = candidates[0]
-    gap = {s: abs(val_sse[s] / val_sse[baseline] - 1) for s in candidates}
-    kept = [s for s in candidates if gap[s] <= tolerance]
+    kept = [s for s in candidates if vae_speed.keeps_loss(results[s], results[baseline])]
     fastest_kept = max(kept, key=lambda s: results[s].img_per_s)
-    default, _ = tv.choose_speed(tcfg, model, batches[0], device)
+    default, _ = vae_speed.choose_speed(tcfg, model, batches[0], device)
     rate = {s.name: round(r.img_per_s, 1) for s, r in results.items()}
     return {
         "device": device.type,
@@ -370,7 +371,7 @@ def vae_train(cfg: BenchConfig) -> dict:
         "img_per_s": rate,
         "val_sse": {s.name: round(v, 2) for s, v in val_sse.items()},
         "keeps_loss": {s.name: s in kept for s in candidates},
-        "not_tried": [] if tv.bf16_is_fast(device) else ["bf16 (no native bf16 on this device)"],
+        "not_tried": [] if bf16_is_fast(device) else ["bf16 (no native bf16 on this device)"],
         "fastest_kept": fastest_kept.name,
         "default": default.name,
         "default_over_fp32": round(results[default].img_per_s / results[baseline].img_per_s, 3),
@@ -383,7 +384,8 @@ def vae_encode(cfg: BenchConfig) -> dict:
     import torch
 
     from worldmodels.models import ConvVAE, frames_to_tensor
-    from worldmodels.stages.train_vae import Speed, autocast, bf16_is_fast
+    from worldmodels.runtime import bf16_is_fast
+    from worldmodels.vae_speed import Speed, autocast
 
     torch.manual_seed(0)
     vae = ConvVAE().eval()

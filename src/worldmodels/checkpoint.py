@@ -3,7 +3,8 @@
 A finished model is `<folder>/model.safetensors` + `<folder>/model.json` (architecture kwargs and
 the weights' checksum), so any model rebuilds from its folder with no flags. Training state is
 written as epoch-numbered files first and a small pointer (`checkpoint.json`) last, atomically:
-a `kill -9` at any moment leaves the pointer naming a complete, verified set.
+a `kill -9` at any moment leaves the pointer naming a complete, verified set. The epoch before
+it stays on disk as a fallback, so one damaged file costs an epoch, not the run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from worldmodels.errors import MissingStageError, UserError
 from worldmodels.io import atomic_write_bytes, atomic_write_text
+from worldmodels.progress import log
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
@@ -56,8 +58,19 @@ def read_model_meta(folder: Path, command: str) -> dict[str, Any]:
         return json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(
-            f"{meta_path} is corrupt ({err}): rerun `worldmodels {command} --force`"
+            f"{meta_path} is corrupt ({err}): rerun `worldmodels {command}`; it writes the "
+            "model again from its training checkpoint"
         ) from None
+
+
+def model_is_intact(folder: Path) -> bool:
+    """Whether the finished model in `folder` exists, its metadata reads and its weights match
+    their checksum: a training stage that finds it damaged writes it again from its checkpoint."""
+    try:
+        meta = json.loads((Path(folder) / MODEL_META).read_text())
+        return _sha256((Path(folder) / MODEL_WEIGHTS).read_bytes()) == meta.get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_model(folder: Path, build: Callable[..., nn.Module], command: str) -> nn.Module:
@@ -66,8 +79,8 @@ def load_model(folder: Path, build: Callable[..., nn.Module], command: str) -> n
     data = (Path(folder) / MODEL_WEIGHTS).read_bytes()
     if _sha256(data) != meta.get("sha256"):
         raise UserError(
-            f"{Path(folder) / MODEL_WEIGHTS} is corrupt (checksum mismatch): "
-            f"rerun `worldmodels {command} --force`"
+            f"{Path(folder) / MODEL_WEIGHTS} is corrupt (checksum mismatch): rerun "
+            f"`worldmodels {command}`; it writes the model again from its training checkpoint"
         )
     model = build(**meta["arch"])
     model.load_state_dict(st_load(data))
@@ -95,32 +108,65 @@ class TrainingCheckpoint:
         }
         atomic_write_bytes(self.folder / names["weights"], weights)
         atomic_write_bytes(self.folder / names["train_state"], train_state)
+        old = self._pointer()
+        # the fallback if this epoch's files get damaged: the epoch before (when this epoch is
+        # being redone after such damage, the fallback the damaged one had)
+        fallback = old if old.get("epoch", epoch) != epoch else old.get("previous") or {}
         pointer = {
             "epoch": epoch,
             "files": names,
             "sha256": {"weights": _sha256(weights), "train_state": _sha256(train_state)},
         }
+        if fallback:
+            pointer["previous"] = {k: v for k, v in fallback.items() if k != "previous"}
         atomic_write_text(self.folder / POINTER, json.dumps(pointer, indent=2) + "\n")
+        keep = {*names.values(), *pointer.get("previous", {}).get("files", {}).values()}
         for old in self.folder.glob("epoch_*"):
-            if old.name not in names.values():
+            if old.name not in keep:
                 old.unlink(missing_ok=True)
 
-    def load(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
-        """Restore the last epoch into `model` (and `optimizer`); None if there is none."""
-        pointer_path = self.folder / POINTER
-        if not pointer_path.exists():
-            return None
+    def _pointer(self) -> dict:
         try:
-            pointer = json.loads(pointer_path.read_text())
+            return json.loads((self.folder / POINTER).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def load(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
+        """Restore the last intact epoch into `model` (and `optimizer`); None if there is none.
+
+        A damaged last epoch falls back to the one before it (that epoch is trained again)."""
+        if not (self.folder / POINTER).exists():
+            return None
+        pointer = self._pointer()
+        tried = []
+        for candidate in (pointer, pointer.get("previous")):
+            if not candidate:
+                continue
+            files = self._verified(candidate)
+            if files is None:
+                tried.append(f"epoch {candidate.get('epoch', '?')}")
+                continue
+            if tried:
+                log(
+                    f"{self.command}: {', '.join(tried)} damaged; resuming from epoch "
+                    f"{candidate['epoch']} instead"
+                )
+            weights, train_state = files
+            return self._restore(candidate, weights, train_state, model, optimizer)
+        raise self._corrupt(f"{' and '.join(tried) or 'the pointer'} unreadable or damaged")
+
+    def _verified(self, pointer: dict) -> tuple[bytes, bytes] | None:
+        try:
             weights = (self.folder / pointer["files"]["weights"]).read_bytes()
             train_state = (self.folder / pointer["files"]["train_state"]).read_bytes()
-        except (OSError, json.JSONDecodeError, KeyError) as err:
-            raise self._corrupt(f"unreadable ({type(err).__name__})") from None
-        if (
-            _sha256(weights) != pointer["sha256"]["weights"]
-            or _sha256(train_state) != pointer["sha256"]["train_state"]
-        ):
-            raise self._corrupt("checksum mismatch")
+            sums = pointer["sha256"]
+        except (OSError, KeyError, TypeError):
+            return None
+        if _sha256(weights) != sums["weights"] or _sha256(train_state) != sums["train_state"]:
+            return None
+        return weights, train_state
+
+    def _restore(self, pointer, weights, train_state, model, optimizer) -> dict:
         model.load_state_dict(st_load(weights))
         saved = torch.load(io.BytesIO(train_state), map_location="cpu", weights_only=True)
         if optimizer is not None:

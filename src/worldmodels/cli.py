@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 from worldmodels.config import add_config_arguments, config_from_args
 from worldmodels.errors import UserError
+from worldmodels.layout import run_lock
 
 
 @dataclass
@@ -25,20 +28,10 @@ class Command:
 
 
 def _commands() -> list[Command]:
-    from worldmodels import bench, check, report
-    from worldmodels.stages import (
-        collect,
-        dream,
-        encode,
-        evaluate,
-        export,
-        play,
-        train_controller,
-        train_mdnrnn,
-        train_vae,
-        visualize_vae,
-    )
-    from worldmodels.stages import run as pipeline
+    """`run`, then every pipeline stage (the list lives once, in `pipeline.stages`), then the
+    commands outside the pipeline."""
+    from worldmodels import bench, check, pipeline
+    from worldmodels.stages import export, play
 
     return [
         Command(
@@ -54,54 +47,7 @@ def _commands() -> list[Command]:
             check.CheckConfig,
             check.run,
         ),
-        Command(
-            "collect",
-            "collect exploration rollouts, one file per episode (resumable)",
-            collect.CollectConfig,
-            collect.run,
-        ),
-        Command(
-            "train-vae",
-            "train V, the conv VAE, on the collected frames (resumable)",
-            train_vae.TrainVAEConfig,
-            train_vae.run,
-        ),
-        Command(
-            "visualize-vae",
-            "write reconstruction and latent-traversal PNGs of the trained VAE",
-            visualize_vae.VisualizeVAEConfig,
-            visualize_vae.run,
-        ),
-        Command(
-            "encode",
-            "encode every episode into its VAE latents (mu, logvar) per frame (resumable)",
-            encode.EncodeConfig,
-            encode.run,
-        ),
-        Command(
-            "train-mdnrnn",
-            "train M, the MDN-RNN, on the latents with truncated BPTT (resumable)",
-            train_mdnrnn.TrainMDNRNNConfig,
-            train_mdnrnn.run,
-        ),
-        Command(
-            "dream",
-            "roll M forward from a real frame: real-vs-dream GIF and latent-error plot",
-            dream.DreamConfig,
-            dream.run,
-        ),
-        Command(
-            "train-controller",
-            "train the linear controller with CMA-ES, population batched in one env pool (resumable)",
-            train_controller.TrainControllerConfig,
-            train_controller.run,
-        ),
-        Command(
-            "evaluate",
-            "score the saved controller on N official CarRacing-v3 tracks (mean ± std, GIFs)",
-            evaluate.EvaluateConfig,
-            evaluate.run,
-        ),
+        *(Command(s.command, s.help, s.config, s.run) for s in pipeline.stages()),
         Command(
             "play",
             "watch the agent drive live: real frame, V's reconstruction, return so far",
@@ -113,12 +59,6 @@ def _commands() -> list[Command]:
             "write a trained agent (V, M, C, crop, versions) into one folder to share",
             export.ExportConfig,
             export.run,
-        ),
-        Command(
-            "report",
-            "rebuild report.md and report.html of a run dir",
-            report.ReportConfig,
-            report.run,
         ),
         Command(
             "bench", "measure env and pipeline throughput, print JSON", bench.BenchConfig, bench.run
@@ -154,16 +94,34 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
     return parser
 
 
+def written_dir(cfg) -> Path | None:
+    """The run dir a command writes, locked while it runs; None for commands that only read."""
+    method = getattr(cfg, "written_dir", None)
+    return method() if method else getattr(cfg, "run_dir", None)
+
+
 def main(argv: list[str] | None = None) -> int:
     commands = _commands()
     args = build_parser(commands).parse_args(argv)
     command = next(c for c in commands if c.name == args.command)
     try:
         cfg = config_from_args(command.config, args) if command.config else args
-        command.run(cfg)
+        if hasattr(cfg, "validate"):
+            cfg.validate()  # bad numbers stop here, before anything is created or locked
+        target = written_dir(cfg) if command.config else None  # `run` locks its own
+        with run_lock(target, command.name) if target else nullcontext():
+            command.run(cfg)
     except UserError as err:
         print(f"worldmodels {command.name}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, read-only, permissions: what the OS said, and the way on
+        where = f" ({err.filename})" if err.filename else ""
+        print(
+            f"worldmodels {command.name}: error: {err.strerror or err}{where}: free space or fix "
+            "the permissions, then rerun: finished work is kept (every write is atomic)",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(
             f"worldmodels {command.name}: interrupted; rerun the same command to resume",

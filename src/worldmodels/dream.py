@@ -5,82 +5,22 @@ actions per step and returns each dream's next z, predicted reward, predicted ep
 LSTM hidden state h (the controller acts on [z; h]). Batch sizes in the thousands are the point:
 the controller issue evaluates a whole CMA-ES population in one dream batch.
 
-Speed: `nn.LSTM` called with one time step costs far more than its arithmetic on the CPU
-(measured ~10× slower here), so `MDNStepper` runs the *same weights* of the trained MDNRNN as
-one fused matmul per step (gates from [z; a; h]) plus the head matmul. A test checks it matches
-`MDNRNN.forward` over whole sequences, so training and dreaming use one model. Mixture sampling
-uses the inverse CDF of the K component weights instead of `torch.multinomial` (also ~10× faster
-for B·Z rows of K = 5 choices); it draws from the same distribution as
-`worldmodels.models.sample_next_z`.
+A dream step is M's one step (`MDNRNN.advance`, the fused LSTM cell acting uses too), its
+prediction from h (`MDNRNN.predict`) and the one mixture sampler (`sample_next_z`): acting,
+dreaming and training share the model's own code.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from worldmodels.models import MDNRNN, ConvVAE, MDNOutput
+from worldmodels.models import MDNRNN, ConvVAE, sample_next_z
 
 Policy = Callable[[torch.Tensor], torch.Tensor]  # features [z; h] (B, Z+H) -> actions (B, A)
-
-
-class MDNStepper:
-    """One step of a trained MDNRNN, computed from a snapshot of its weights.
-
-    The snapshot is taken at construction: build a new stepper after changing the model.
-    """
-
-    def __init__(self, model: MDNRNN):
-        lstm = model.lstm
-        if lstm.num_layers != 1 or lstm.proj_size or lstm.bidirectional or not lstm.bias:
-            raise ValueError("MDNStepper supports the single-layer LSTM of MDNRNN only")
-        self.model = model
-        self.z_dim, self.hidden, self.k = model.z_dim, model.hidden, model.n_gaussians
-        with torch.no_grad():
-            # gates = [z; a; h] @ w + b, gate order (input, forget, cell, output) as in nn.LSTM
-            self.w = torch.cat([lstm.weight_ih_l0, lstm.weight_hh_l0], dim=1).t().contiguous()
-            self.b = (lstm.bias_ih_l0 + lstm.bias_hh_l0).contiguous()
-            self.head_w = model.head.weight.t().contiguous()
-            self.head_b = model.head.bias.detach().clone()
-
-    @torch.inference_mode()
-    def __call__(
-        self, z: torch.Tensor, action: torch.Tensor, h: torch.Tensor, c: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """z (B,Z), action (B,A), h and c (B,H) → (raw head output (B, 3KZ+2), h', c')."""
-        gates = torch.addmm(self.b, torch.cat([z, action, h], dim=1), self.w)
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        return torch.addmm(self.head_b, h, self.head_w), h, c
-
-    def mdn_output(self, head: torch.Tensor) -> MDNOutput:
-        """Raw head output (B, 3KZ+2) → the model's own MDNOutput (T = 1), for checking."""
-        return self.model._split_head(head.unsqueeze(1))
-
-
-def sample_mixture(
-    head: torch.Tensor, k: int, z_dim: int, temperature: float, generator: torch.Generator
-) -> torch.Tensor:
-    """Sample z (B, Z) from the raw head output: one K-mixture per latent dimension.
-
-    Temperature τ as in `sample_next_z`: component logits divided by τ, σ scaled by √τ; τ is
-    clamped to ≥ 1e-3 so τ → 0 gives the dominant component's mean, not NaN.
-    """
-    b, kz = head.shape[0], k * z_dim
-    tau = max(float(temperature), 1e-3)
-    probs = F.softmax(head[:, :kz].view(b, k, z_dim) / tau, dim=1)
-    u = torch.rand(b, 1, z_dim, generator=generator, device=head.device, dtype=head.dtype)
-    comp = (u > probs.cumsum(dim=1)).sum(dim=1, keepdim=True).clamp_(max=k - 1)  # (B,1,Z)
-    mu = head[:, kz : 2 * kz].view(b, k, z_dim).gather(1, comp).squeeze(1)
-    logsigma = head[:, 2 * kz : 3 * kz].view(b, k, z_dim).gather(1, comp).squeeze(1)
-    noise = torch.randn(mu.shape, generator=generator, device=head.device, dtype=head.dtype)
-    return mu + logsigma.exp() * math.sqrt(tau) * noise
 
 
 @dataclass
@@ -114,7 +54,6 @@ class DreamEnv:
     ):
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.stepper = MDNStepper(model)
         self.temperature = temperature
         self.generator = generator or torch.Generator(self.device).manual_seed(0)
         self.vae = vae.to(self.device).eval() if vae is not None else None
@@ -143,15 +82,13 @@ class DreamEnv:
     @torch.inference_mode()
     def step(self, actions: torch.Tensor | np.ndarray) -> DreamStep:
         """Advance every dream by one action (B, A); returns the new z, h, reward and done."""
-        head, self.h, self.c = self.stepper(self.z, self._tensor(actions), self.h, self.c)
-        kz = self.stepper.k * self.model.z_dim
-        self.z = sample_mixture(
-            head, self.stepper.k, self.model.z_dim, self.temperature, self.generator
-        )
-        done_prob = torch.sigmoid(head[:, 3 * kz + 1])
+        self.h, self.c = self.model.advance(self.z, self._tensor(actions), self.h, self.c)
+        out = self.model.predict(self.h)
+        self.z = sample_next_z(out, self.temperature, self.generator)
+        done_prob = torch.sigmoid(out.done_logit[:, 0])
         done = done_prob > self.done_threshold
         self.ended |= done
-        return DreamStep(self.z, self.h, head[:, 3 * kz], done_prob, done)
+        return DreamStep(self.z, self.h, out.reward[:, 0], done_prob, done)
 
     @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> np.ndarray:

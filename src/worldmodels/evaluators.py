@@ -29,12 +29,14 @@ BACKENDS = ("local", "ray")
 class Played:
     returns: np.ndarray  # (N,) one return per (params, seed) pair, in order
     env_steps: int  # env steps simulated, for steps/s
+    laps: np.ndarray  # (N,) bool: the episode ended with every tile visited
 
 
 @dataclass
 class EpisodeSettings:
     env: str  # env backend
     max_steps: int
+    lockstep: bool = False  # all slots step together: reproducible batches (see make_env)
 
 
 class LocalEvaluator:
@@ -58,10 +60,12 @@ class LocalEvaluator:
         `max_steps` overrides the settings' step limit (checks play whole episodes)."""
         key = (len(seeds), max_steps or self.settings.max_steps)
         if key not in self._envs:
-            self._envs[key] = make_env(self.settings.env, key[0], key[1], self.workers)
+            self._envs[key] = make_env(
+                self.settings.env, key[0], key[1], self.workers, self.settings.lockstep
+            )
         batch = torch.as_tensor(np.asarray(params), dtype=torch.float32)
         result = run_episodes(self._envs[key], self.agent, batch, seeds, early_stop=early_stop)
-        return Played(result.returns, result.env_steps)
+        return Played(result.returns, result.env_steps, result.laps)
 
     def close(self) -> None:
         for env in self._envs.values():
@@ -97,7 +101,7 @@ def play_chunk(
     seeds: list[int],
     early_stop: int,
     max_steps: int | None = None,
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, int, np.ndarray]:
     """The body of one Ray task: play `seeds` with `params` on this worker's CPUs."""
     threads = _threads_of_this_task()
     torch.set_num_threads(threads)  # two tasks on two cores must not each take both
@@ -107,7 +111,7 @@ def play_chunk(
         played = evaluator.play(params, seeds, early_stop, max_steps)
     finally:
         evaluator.close()
-    return played.returns, played.env_steps
+    return played.returns, played.env_steps, played.laps
 
 
 class RayEvaluator:
@@ -126,11 +130,19 @@ class RayEvaluator:
         chunks: int = 0,
         cpus_per_task: int = 1,
         max_retries: int = 3,
+        timeout_s: float = 1800.0,
     ):
         ray = import_ray()
         if not ray.is_initialized():
-            ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+            try:
+                ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError, TimeoutError) as err:
+                raise UserError(
+                    f"cannot reach the Ray cluster at {address!r} ({type(err).__name__}): check "
+                    "--ray-address (empty starts a local Ray) or use --backend local"
+                ) from None
         self.settings = settings
+        self.timeout_s = timeout_s
         self.chunks = chunks or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus_per_task)
         self._key = uuid.uuid4().hex
         self._world_model = ray.put(
@@ -167,9 +179,18 @@ class RayEvaluator:
             )
             for a, b in zip(bounds[:-1], bounds[1:])
         ]
-        parts = ray.get(futures)
+        try:
+            parts = ray.get(futures, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            for future in futures:
+                ray.cancel(future, force=True)
+            raise UserError(
+                f"Ray tasks gave no result in {self.timeout_s:g} s (a stuck or overloaded "
+                "cluster?): rerun to resume after the last finished generation"
+            ) from None
         returns = np.concatenate([part[0] for part in parts])
-        return Played(returns, int(sum(part[1] for part in parts)))
+        laps = np.concatenate([part[2] for part in parts])
+        return Played(returns, int(sum(part[1] for part in parts)), laps)
 
     def close(self) -> None:
         pass  # the Ray instance belongs to the process (or the cluster), not to one evaluator
@@ -194,9 +215,12 @@ def make_evaluator(
     ray_address: str | None = None,
     ray_chunks: int = 0,
     ray_cpus_per_task: int = 1,
+    ray_timeout_s: float = 1800.0,
 ) -> LocalEvaluator | RayEvaluator:
     if backend == "local":
         return LocalEvaluator(agent, settings, workers)
     if backend == "ray":
-        return RayEvaluator(agent, settings, ray_address, ray_chunks, ray_cpus_per_task)
+        return RayEvaluator(
+            agent, settings, ray_address, ray_chunks, ray_cpus_per_task, timeout_s=ray_timeout_s
+        )
     raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")

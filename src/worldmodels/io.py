@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,11 +40,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_with(path: Path, writer: Callable[[BinaryIO], None]) -> None:
-    with atomic_open(path) as handle:
-        writer(handle)
 
 
 def remove_temp_files(folder: Path) -> list[Path]:

@@ -1,7 +1,13 @@
-"""Where every stage reads and writes inside a run dir (see DESIGN.md)."""
+"""Where every stage reads and writes inside a run dir, and the lock that keeps it to one writer."""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,3 +64,59 @@ def writable_dir(path: Path) -> Path:
             f"cannot write to {path}: {err.strerror or err}: choose another --run-dir"
         ) from None
     return path
+
+
+LOCK = ".lock"
+
+
+@contextmanager
+def run_lock(root: Path, command: str) -> Iterator[None]:
+    """Hold the run dir's lock while `command` writes it: a second writer stops at once.
+
+    An OS lock (flock) on `<root>/.lock`, not a pid file: the kernel drops it when its holder
+    dies, however it dies, so a lock left by a killed process is simply taken over. The file
+    names the holder for the message the next process prints, and goes when the holder is done.
+    """
+    root = Path(root)
+    created = not root.exists()
+    writable_dir(root)
+    path = root / LOCK
+    handle = _acquire(path, root)
+    try:
+        handle.truncate(0)
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(json.dumps({"pid": os.getpid(), "command": command, "since": since}))
+        handle.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the close: the next holder makes a fresh file
+        handle.close()  # releases the flock
+        if created and not any(root.iterdir()):
+            root.rmdir()  # a command that wrote nothing leaves nothing behind
+
+
+def _acquire(path: Path, root: Path):
+    """The open lock file, flocked; retried when the file we locked was just removed by its
+    previous holder (then someone else may be locking the new one)."""
+    while True:
+        handle = open(path, "a+")  # noqa: SIM115 -- held open for the whole command
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            try:
+                holder = json.loads(handle.read() or "{}")
+            except ValueError:
+                holder = {}
+            handle.close()
+            raise UserError(
+                f"{root} is in use by pid {holder.get('pid', '?')} (`worldmodels "
+                f"{holder.get('command', '?')}` since {holder.get('since', '?')}): wait for it "
+                "to finish or stop it; one command writes a run dir at a time"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()

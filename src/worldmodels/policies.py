@@ -100,3 +100,16 @@ def make_policy(name: str, seeds: Sequence[int]):
     if name == "road":
         return RoadPolicy(seeds)
     raise ValueError(f"unknown policy {name!r}")
+
+
+class PolicyActor:
+    """An exploration policy in the agent's place in `run_episodes`: no parameters, no memory."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def reset(self, num_envs: int) -> None:
+        pass
+
+    def act(self, frames: np.ndarray, params: object, ids: np.ndarray) -> np.ndarray:
+        return self.policy.act(frames, ids)

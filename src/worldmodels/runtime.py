@@ -40,6 +40,14 @@ def cpu_supports_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """The one bf16 rule, for training and acting alike: a CUDA device that supports it, or a
+    CPU with native bf16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_supports_fast_bf16()
+
+
 def use_acting_threads(device: torch.device | str = "cpu") -> None:
     """One torch thread for the stages that act in envs (train-controller, evaluate, play).
 

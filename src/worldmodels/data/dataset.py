@@ -7,6 +7,7 @@ episodes while the model trains on the current ones (zlib releases the GIL).
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import zlib
@@ -21,6 +22,8 @@ from worldmodels.data.manifest import ManifestEntry, read_manifest, validate_ent
 from worldmodels.errors import MissingStageError, UserError
 
 T = TypeVar("T")
+VAE_VAL_FRACTION = 0.1  # the default share of episodes train-vae holds out
+MDN_VAL_FRACTION = 0.05  # and train-mdnrnn
 
 
 def open_episodes(folder: Path, command: str = "collect") -> list[ManifestEntry]:
@@ -41,6 +44,15 @@ def is_validation(entry: ManifestEntry, val_fraction: float) -> bool:
     """Held out by episode, from its seed alone: the split never moves as more data arrives."""
     bucket = zlib.crc32(str(entry.seed).encode()) % 10_000
     return bucket < val_fraction * 10_000
+
+
+def saved_val_fraction(config_path: Path, default: float) -> float:
+    """The held-out share a training stage saved in its config.json, so a later stage shows
+    exactly the episodes that stage never trained on (its default when there is no config)."""
+    try:
+        return float(json.loads(Path(config_path).read_text()).get("val_fraction", default))
+    except (OSError, ValueError, AttributeError):
+        return default
 
 
 def split_by_episode(

@@ -17,17 +17,25 @@ def default_workers(workers: int) -> int:
 
 
 def make_env(
-    backend: str, num_envs: int, max_steps: int = MAX_EPISODE_STEPS, workers: int = 0
+    backend: str,
+    num_envs: int,
+    max_steps: int = MAX_EPISODE_STEPS,
+    workers: int = 0,
+    lockstep: bool = False,
 ) -> BatchedEnv:
-    """`workers`: threads for envpool (0 = one per core), processes for gymnasium (0 = in-process)."""
+    """`workers`: threads for envpool (0 = one per core), processes for gymnasium (0 = in-process).
+
+    `lockstep`: every playing slot steps together, so the batches V and M see never depend on
+    which envs happened to finish first (reproducible to the bit, slower).
+    """
     if backend == "envpool":
         from worldmodels.envs.envpool_backend import EnvPoolEnv
 
-        return EnvPoolEnv(num_envs, max_steps, num_threads=workers)
+        return EnvPoolEnv(num_envs, max_steps, workers, batch_size=num_envs if lockstep else 0)
     if backend == "gymnasium":
         from worldmodels.envs.gymnasium_backend import GymnasiumEnv
 
-        return GymnasiumEnv(num_envs, max_steps, workers=workers)
+        return GymnasiumEnv(num_envs, max_steps, workers=0 if lockstep else workers)
     raise UserError(f"unknown env backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 

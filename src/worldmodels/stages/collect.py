@@ -11,9 +11,11 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from worldmodels.config import option, require_same_settings, save_config
 from worldmodels.data.episodes import Episode, write_episode
@@ -35,8 +37,9 @@ from worldmodels.envs import (
 from worldmodels.errors import UserError
 from worldmodels.io import remove_temp_files
 from worldmodels.layout import RunDir, writable_dir
-from worldmodels.policies import POLICIES, make_policy
+from worldmodels.policies import POLICIES, PolicyActor, make_policy
 from worldmodels.progress import log, progress_bar
+from worldmodels.rollout import Recorder, run_episodes
 from worldmodels.seeds import require_within
 
 
@@ -160,35 +163,25 @@ class _EpisodeWriter:
 
 
 def _play_wave(env, cfg: CollectConfig, indices: list[int], writer: _EpisodeWriter, bar) -> None:
-    """Run one episode per slot and hand each to the writer as soon as it ends.
-
-    Slots are served as their steps come back (`env.recv`): while one group of envs steps, this
-    thread resizes the other group's frames and picks its next actions."""
+    """Run one episode per slot through the one episode loop, recording frames and actions, and
+    hand each episode to the writer as soon as it ends."""
     n = len(indices)
     seeds = [cfg.seed + i for i in indices]
-    policy = make_policy(cfg.policy, seeds)
-    obs = np.empty((n, cfg.max_steps + 1, 64, 64, 3), np.uint8)
-    actions = np.zeros((n, cfg.max_steps, 3), np.float32)
+    actor = PolicyActor(make_policy(cfg.policy, seeds))
+    recorder = Recorder(actor, n, cfg.max_steps, partial(preprocess_frames, crop=cfg.crop))
     rewards = np.zeros((n, cfg.max_steps), np.float32)
-    frames = env.reset(seeds)
-    obs[:, 0] = preprocess_frames(frames, crop=cfg.crop)
-    ids = np.arange(n)
-    sent = policy.act(frames, ids)
-    env.send(ids, sent)
-    while env.in_flight.any():
-        got = env.recv()
-        ids, t = got.ids, env.steps[got.ids] - 1  # the step each slot just took
-        actions[ids, t] = sent[ids]
-        rewards[ids, t] = got.reward
-        obs[ids, t + 1] = preprocess_frames(got.obs, crop=cfg.crop)
-        bar.update(len(ids))
-        playing = env.active[ids]
-        for k in ids[~playing]:
-            steps = int(env.steps[k])
+
+    def on_step(got) -> None:
+        rewards[got.ids, env.steps[got.ids] - 1] = got.reward
+        bar.update(len(got.ids))
+        ended = ~env.active[got.ids]
+        recorder.last_frames(got.ids[ended], got.obs[ended])
+        for k in got.ids[ended]:
+            obs, actions = recorder.episode(k)
             episode = Episode(
-                obs=obs[k, : steps + 1].copy(),
-                actions=actions[k, :steps].copy(),
-                rewards=rewards[k, :steps].copy(),
+                obs=obs,
+                actions=actions,
+                rewards=rewards[k, : len(actions)].copy(),
                 terminated=bool(env.terminated[k]),
                 truncated=bool(env.truncated[k]),
                 seed=seeds[k],
@@ -196,10 +189,8 @@ def _play_wave(env, cfg: CollectConfig, indices: list[int], writer: _EpisodeWrit
                 crop=cfg.crop,
             )
             writer.submit(indices[k], episode)
-        if playing.any():
-            live = ids[playing]
-            sent[live] = policy.act(got.obs[playing], live)
-            env.send(live, sent[live])
+
+    run_episodes(env, recorder, torch.zeros(n, 0), seeds, on_step=on_step)
 
 
 def run(cfg: CollectConfig) -> Path:

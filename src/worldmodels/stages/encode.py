@@ -12,10 +12,8 @@ every epoch (the paper's trick against overfitting M to one fixed sample per fra
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +24,11 @@ from worldmodels.artifacts import load_vae
 from worldmodels.checkpoint import read_model_meta
 from worldmodels.config import option, save_config
 from worldmodels.data import Episode, iterate_episodes, open_episodes
-from worldmodels.data.dataset import prefetch
-from worldmodels.data.episodes import sha256_bytes
+from worldmodels.data.latents import (
+    VAE_SOURCE,
+    LatentEpisode,
+    write_latents,
+)
 from worldmodels.data.manifest import (
     ManifestEntry,
     append_manifest,
@@ -35,14 +36,12 @@ from worldmodels.data.manifest import (
     rewrite_manifest,
     validate_entries,
 )
-from worldmodels.errors import MissingStageError, UserError
-from worldmodels.io import atomic_write_bytes, atomic_write_text, remove_temp_files
+from worldmodels.errors import UserError
+from worldmodels.io import atomic_write_text, remove_temp_files
 from worldmodels.layout import RunDir, writable_dir
 from worldmodels.models import ConvVAE, frames_to_tensor
 from worldmodels.progress import log, progress_bar
 from worldmodels.runtime import pick_device
-
-VAE_SOURCE = "vae.json"  # which VAE weights (sha256) the latents in a folder came from
 
 
 @dataclass
@@ -55,85 +54,6 @@ class EncodeConfig:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
-
-
-@dataclass
-class LatentEpisode:
-    """One encoded episode: (T+1) posteriors for the T+1 frames, and the T transitions."""
-
-    mu: np.ndarray  # (T+1, Z) float32
-    logvar: np.ndarray  # (T+1, Z) float32
-    actions: np.ndarray  # (T, 3) float32
-    rewards: np.ndarray  # (T,) float32
-    terminated: bool
-    truncated: bool
-    seed: int
-
-    @property
-    def steps(self) -> int:
-        return len(self.actions)
-
-
-# --- the latents files ------------------------------------------------------------------------
-
-
-def write_latents(path: Path, ep: LatentEpisode) -> str:
-    """Write one latents file atomically (uncompressed: floats barely compress); return sha256."""
-    buffer = io.BytesIO()
-    np.savez(
-        buffer,
-        mu=ep.mu.astype(np.float32),
-        logvar=ep.logvar.astype(np.float32),
-        actions=ep.actions.astype(np.float32),
-        rewards=ep.rewards.astype(np.float32),
-        terminated=np.bool_(ep.terminated),
-        truncated=np.bool_(ep.truncated),
-        seed=np.int64(ep.seed),
-    )
-    data = buffer.getvalue()
-    atomic_write_bytes(path, data)
-    return sha256_bytes(data)
-
-
-def load_latents(path: Path) -> LatentEpisode:
-    """Load one latents file; a damaged one is a `UserError` that says how to repair it."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            ep = LatentEpisode(
-                mu=data["mu"],
-                logvar=data["logvar"],
-                actions=data["actions"],
-                rewards=data["rewards"],
-                terminated=bool(data["terminated"]),
-                truncated=bool(data["truncated"]),
-                seed=int(data["seed"]),
-            )
-    except Exception as err:
-        raise UserError(f"{path} is unreadable ({err}): rerun `worldmodels encode`") from None
-    if ep.mu.shape != ep.logvar.shape or len(ep.mu) != ep.steps + 1:
-        raise UserError(f"{path} has inconsistent shapes: rerun `worldmodels encode`")
-    return ep
-
-
-def open_latents(folder: Path) -> list[ManifestEntry]:
-    """The verified latents of a run; missing or damaged ones say to run `encode`."""
-    entries = read_manifest(folder)
-    if not entries:
-        raise MissingStageError(f"encoded latents in {folder}", "encode")
-    valid, problems = validate_entries(folder, entries)
-    if problems:
-        raise UserError(
-            f"{len(problems)} invalid latents file(s) in {folder} (first: {problems[0]}): "
-            "rerun `worldmodels encode` to redo them"
-        )
-    return valid
-
-
-def iterate_latents(
-    folder: Path, entries: Sequence[ManifestEntry], depth: int = 2
-) -> Iterator[LatentEpisode]:
-    """Latent episodes in the given order, loaded `depth` ahead on a background thread."""
-    return prefetch((load_latents(Path(folder) / e.file) for e in entries), depth=depth)
 
 
 # --- encoding ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worldmodels.artifacts import agent_root, load_acting_agent
+from worldmodels.artifacts import DEFAULT_RUN_DIR, agent_root, load_acting_agent, results_dir
 from worldmodels.config import option, save_config
 from worldmodels.envs import (
     BACKENDS,
@@ -36,7 +36,6 @@ from worldmodels.viz import save_gif
 
 EVAL_SEED_BASE = first("evaluate")
 SOLVED = 900.0
-DEFAULT_RUN_DIR = Path("runs/default")
 OFF_PLAYFIELD_PENALTY = 100.0  # CarRacing's charge for driving off the playfield
 
 
@@ -50,6 +49,12 @@ class EvaluateConfig:
     )
     max_steps: int = option(MAX_EPISODE_STEPS, "step limit per episode (official: 1000)")
     workers: int = option(0, "gymnasium processes or envpool threads (0 = one per core)")
+    deterministic: bool = option(
+        True,
+        "act on each car's frame alone, so every track's return is the same run to run whatever "
+        "the workers (batched numbers depend on which cars came back together); "
+        "`--deterministic false` batches them: faster, returns may differ in float noise",
+    )
     controller: str = option(
         "mean", "which controller: the CMA-ES mean or the best candidate", ("mean", "best")
     )
@@ -67,6 +72,9 @@ class EvaluateConfig:
         "evaluate the agent this repository ships (pretrained/), no training needed; results go "
         "to --run-dir (default: runs/pretrained)",
     )
+
+    def written_dir(self) -> Path:
+        return results_dir(self.run_dir, agent_root(self.agent, self.pretrained) or self.run_dir)
 
     def validate(self) -> None:
         if self.episodes < 1:
@@ -124,14 +132,6 @@ def summarize_laps(episodes: list[dict]) -> dict:
     }
 
 
-def results_dir(run_dir: Path, source: Path) -> Path:
-    """Where an agent's results go: the run dir, or runs/<agent name> for an agent folder when
-    no --run-dir was given (never into the agent folder itself, which may be the shipped one)."""
-    if Path(source) == Path(run_dir) or Path(run_dir) != DEFAULT_RUN_DIR:
-        return Path(run_dir)
-    return Path("runs") / Path(source).resolve().name
-
-
 def record_episode(agent, params: torch.Tensor, seed: int, cfg: EvaluateConfig) -> list[np.ndarray]:
     """Replay one track in-process (the agent is deterministic, so it is the same episode)."""
     frames: list[np.ndarray] = []
@@ -147,6 +147,7 @@ def run(cfg: EvaluateConfig) -> Path:
     source = agent_root(cfg.agent, cfg.pretrained) or cfg.run_dir
     use_acting_threads(cfg.device)
     agent, params, meta = load_acting_agent(source, cfg.controller, cfg.device)
+    agent.one_at_a_time = cfg.deterministic
     folder = writable_dir(RunDir(results_dir(cfg.run_dir, source)).eval)
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
     log(
@@ -185,6 +186,7 @@ def run(cfg: EvaluateConfig) -> Path:
             # V's precision when acting: bf16 where the CPU has native bf16, else fp32; returns
             # repeat exactly only on a machine that encodes the same way
             "encoder": "bf16" if agent.bf16 else "fp32",
+            "deterministic": cfg.deterministic,
         },
         **summarize(result.returns),
         **summarize_laps(episodes),

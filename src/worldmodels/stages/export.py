@@ -25,6 +25,9 @@ class ExportConfig:
     )
     half: bool = option(True, "store V and M in float16 (half the size; cast back on load)")
 
+    def written_dir(self) -> Path | None:
+        return None if str(self.out) in ("", ".") else self.out
+
 
 def run(cfg: ExportConfig) -> Path:
     if str(cfg.out) in ("", "."):

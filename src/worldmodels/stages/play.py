@@ -34,6 +34,10 @@ class PlayConfig:
     agent: Path = option(Path(""), "drive an exported agent folder (`worldmodels export`)")
     pretrained: bool = option(False, "drive the agent this repository ships (pretrained/)")
 
+    def written_dir(self) -> None:
+        """play writes nothing into a run dir (a screenshot goes where it is asked)."""
+        return None
+
     def validate(self) -> None:
         if self.episodes < 1 or not 1 <= self.max_steps <= MAX_EPISODE_STEPS or self.fps < 0:
             raise UserError(

@@ -10,12 +10,15 @@ Which mean: the mean wanders as training goes on (its held-out check swung betwe
 over the last 50 generations of one run), so the last one is a lottery ticket. Every checked mean
 is kept; at the end the few with the best checks play fresh held-out tracks, and the best of them
 on those tracks (which played no part in picking the finalists) is the agent.
+
+With `--searches 2`, two independent searches play side by side until `--cull-after`, then only
+the one with the better recent checks goes on (`worldmodels.search`, which also holds the state
+that resumes a run: plain JSON, never a pickle).
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,22 +27,30 @@ import numpy as np
 import torch
 
 from worldmodels.agent import Agent
-from worldmodels.artifacts import load_world_model
+from worldmodels.artifacts import load_world_model, world_model_sources
 from worldmodels.checkpoint import save_model
 from worldmodels.config import option, require_same_settings, save_config
 from worldmodels.envs import BACKENDS, MAX_EPISODE_STEPS
 from worldmodels.errors import UserError
 from worldmodels.evaluators import BACKENDS as EVALUATOR_BACKENDS
-from worldmodels.evaluators import EpisodeSettings, LocalEvaluator, RayEvaluator, make_evaluator
-from worldmodels.io import atomic_write_bytes, atomic_write_text
+from worldmodels.evaluators import (
+    EpisodeSettings,
+    LocalEvaluator,
+    Played,
+    RayEvaluator,
+    make_evaluator,
+)
+from worldmodels.io import atomic_write_text
 from worldmodels.layout import RunDir, writable_dir
 from worldmodels.metrics import MetricsLog
 from worldmodels.models import LinearController, controller_param_count
 from worldmodels.progress import log, progress_bar
 from worldmodels.runtime import use_acting_threads
+from worldmodels.search import Checked, SearchSettings, SearchState
 from worldmodels.seeds import first, require_within
 
-ES_STATE = "es_state.pkl"
+ES_STATE = "es_state.json"
+PICKLED_STATE = "es_state.pkl"  # what versions before 0.2 wrote; never read (pickle runs code)
 TRAIN_SEED_BASE = first("train")  # tracks for training: generation g plays base + g*rollouts + r
 CHECK_SEED_BASE = first("check")  # fixed held-out tracks for the periodic check of the mean
 SELECT_SEED_BASE = first("select")  # fresh held-out tracks for the final choice among means
@@ -53,11 +64,15 @@ _IDENTITY = (
     "h_sigma_scale",
     "max_steps",
     "early_stop",
+    "lap_bonus",
     "env",
     "z_only",
     "seed",
     "check_episodes",
     "check_steps",
+    "deterministic",
+    "searches",
+    "cull_after",
 )
 
 
@@ -70,6 +85,14 @@ class TrainControllerConfig:
     population: int = option(16, "candidates per generation")
     rollouts: int = option(2, "episodes per candidate per generation (same tracks for all)")
     sigma0: float = option(0.1, "initial CMA-ES step size")
+    searches: int = option(
+        1,
+        "independent CMA-ES searches run side by side until --cull-after; then only the one "
+        "whose last two checks average best goes on (same-seed runs ended 175 points apart)",
+    )
+    cull_after: int = option(
+        20, "generation after which all searches but the best stop (with --searches > 1)"
+    )
     diagonal: bool = option(
         False,
         "separable CMA-ES: learn a diagonal covariance (its learning rate is ~n/3 times the full "
@@ -86,6 +109,12 @@ class TrainControllerConfig:
         "step limit of the periodic check and of the final selection (evaluation's is 1000)",
     )
     early_stop: int = option(100, "stop an episode after this many steps without reward (0 = off)")
+    lap_bonus: float = option(
+        0.0,
+        "added to a training episode's fitness when its lap finished (every tile visited): a "
+        "missed tile costs only ~3 points of return but the lap, and 900 needs every lap; "
+        "checks, selection and evaluation score the plain return",
+    )
     env: str = option("envpool", "env backend for training episodes", BACKENDS)
     workers: int = option(0, "envpool threads or gymnasium processes (0 = one per core)")
     backend: str = option(
@@ -98,6 +127,9 @@ class TrainControllerConfig:
     )
     ray_chunks: int = option(0, "Ray tasks per generation (0 = one per ray-cpus-per-task CPUs)")
     ray_cpus_per_task: int = option(1, "CPUs per Ray task (its env threads and torch threads)")
+    ray_timeout_min: float = option(
+        30.0, "give up (in one line; a rerun resumes) when a batch of Ray tasks takes longer"
+    )
     z_only: bool = option(False, "controller sees z only, not the memory h (the paper's ablation)")
     seed: int = option(0, "CMA-ES seed; training tracks are 100000 + generation*rollouts + r")
     check_every: int = option(
@@ -113,6 +145,11 @@ class TrainControllerConfig:
     time_budget_min: float = option(
         0.0, "stop after this many minutes, the final selection included (0 = no limit)"
     )
+    deterministic: bool = option(
+        False,
+        "reproducible to the bit: all envs step in lockstep (so V and M always see the same "
+        "batches) and the run is as long as --generations, never a time budget; slower",
+    )
     device: str = option("cpu", "torch device for V and M")
     force: bool = option(False, "start over, discarding the saved optimizer state")
 
@@ -125,14 +162,28 @@ class TrainControllerConfig:
             raise UserError(f"--max-steps and --check-steps must be in 1..{MAX_EPISODE_STEPS}")
         if self.sigma0 <= 0:
             raise UserError("--sigma0 must be > 0")
-        if self.ray_chunks < 0 or self.ray_cpus_per_task < 1:
-            raise UserError("need --ray-chunks >= 0 and --ray-cpus-per-task >= 1")
+        if self.ray_chunks < 0 or self.ray_cpus_per_task < 1 or self.ray_timeout_min <= 0:
+            raise UserError(
+                "need --ray-chunks >= 0, --ray-cpus-per-task >= 1 and --ray-timeout-min > 0"
+            )
         if self.select_top < 0 or (self.select_top and self.select_episodes < 1):
             raise UserError("need --select-top >= 0 and, with it, --select-episodes >= 1")
         if self.check_every < 0 or (self.check_every and self.check_episodes < 1):
             raise UserError("need --check-every >= 0 and, with it, --check-episodes >= 1")
+        if self.searches < 1:
+            raise UserError("--searches must be >= 1")
+        if self.searches > 1 and not (self.check_every and self.cull_after >= self.check_every):
+            raise UserError(
+                "--searches > 1 picks its survivor by the checks: need --check-every >= 1 and "
+                "--cull-after >= --check-every"
+            )
         if self.time_budget_min < 0:
             raise UserError("--time-budget-min must be >= 0 (0 = no limit)")
+        if self.deterministic and (self.time_budget_min or self.backend != "local"):
+            raise UserError(
+                "--deterministic counts generations, not minutes, in this process: add "
+                "--time-budget-min 0 (and --backend local), and set --generations"
+            )
         train_tracks = (self.generations + 1) * self.rollouts
         require_within("train", TRAIN_SEED_BASE, train_tracks, "--generations/--rollouts")
         require_within("check", CHECK_SEED_BASE, self.check_episodes, "--check-episodes")
@@ -160,27 +211,14 @@ def evaluate_candidates(
     candidates: np.ndarray,
     seeds: list[int],
     early_stop: int,
-) -> tuple[np.ndarray, int]:
-    """Mean return per candidate over the same `seeds`; also the env steps simulated."""
+    lap_bonus: float = 0.0,
+) -> tuple[np.ndarray, Played]:
+    """Mean fitness per candidate over the same `seeds` (return, plus `lap_bonus` for each
+    finished lap), and what was played."""
     count, repeats = len(candidates), len(seeds)
     played = evaluator.play(np.repeat(candidates, repeats, axis=0), seeds * count, early_stop)
-    return played.returns.reshape(count, repeats).mean(axis=1), played.env_steps
-
-
-def _save_state(folder: Path, state: dict) -> None:
-    atomic_write_bytes(folder / ES_STATE, pickle.dumps(state))
-
-
-def _load_state(folder: Path) -> dict | None:
-    path = folder / ES_STATE
-    if not path.exists():
-        return None
-    try:
-        return pickle.loads(path.read_bytes())
-    except Exception as err:
-        raise UserError(
-            f"{path} is corrupt ({type(err).__name__}): rerun `worldmodels train-controller --force`"
-        ) from None
+    fitness = played.returns + lap_bonus * played.laps
+    return fitness.reshape(count, repeats).mean(axis=1), played
 
 
 def save_controller(folder: Path, vector: np.ndarray, agent: Agent, extra: dict) -> None:
@@ -189,28 +227,20 @@ def save_controller(folder: Path, vector: np.ndarray, agent: Agent, extra: dict)
     save_model(folder, controller, arch, {"z_only": agent.z_only, **extra})
 
 
-def _new_state(cfg: TrainControllerConfig, agent: Agent) -> dict:
-    import cma
-
+def _settings(cfg: TrainControllerConfig, agent: Agent) -> SearchSettings:
     stds = initial_stds(agent, cfg.h_sigma_scale)
-    options = {
-        "popsize": cfg.population,
-        "seed": cfg.seed + 1,
-        "CMA_stds": stds,
-        "CMA_diagonal": cfg.diagonal,
-        "verbose": -9,
-    }
-    es = cma.CMAEvolutionStrategy(np.zeros(len(stds)), cfg.sigma0, options)
-    return {
-        "es": es,
-        "generation": 0,
-        "elapsed": 0.0,
-        "best": (-np.inf, None),
-        "np_random": None,
-        "checked": [],  # every checked mean: {"generation", "check_mean", "vector"}
-        "check_s_per_episode": 0.0,  # measured on the checks, to reserve time for the selection
-        "selected": False,
-    }
+    return SearchSettings(stds, cfg.sigma0, cfg.population, cfg.diagonal, cfg.seed, cfg.searches)
+
+
+def _load_state(cfg: TrainControllerConfig, agent: Agent, folder: Path) -> SearchState | None:
+    if (folder / ES_STATE).exists():
+        return SearchState.load(_settings(cfg, agent), folder / ES_STATE)
+    if (folder / PICKLED_STATE).exists():
+        raise UserError(
+            f"{folder / PICKLED_STATE} is an older pickled state, never read (unpickling can "
+            "run code): rerun with --force to start over"
+        )
+    return None
 
 
 def _check_mean(
@@ -222,59 +252,63 @@ def _check_mean(
     return float(returns.mean()), float(returns.std())
 
 
-def _out_of_time(cfg: TrainControllerConfig, state: dict) -> bool:
+def _out_of_time(cfg: TrainControllerConfig, state: SearchState) -> bool:
     """Whether another generation would leave too little of the budget for the selection."""
     if not cfg.time_budget_min:
         return False
-    reserve = cfg.select_top * cfg.select_episodes * state["check_s_per_episode"]
-    return state["elapsed"] + reserve >= cfg.time_budget_min * 60
+    reserve = cfg.select_top * cfg.select_episodes * state.check_s_per_episode
+    return state.elapsed + reserve >= cfg.time_budget_min * 60
 
 
 def _generation(
     cfg: TrainControllerConfig,
-    state: dict,
+    state: SearchState,
     evaluator: LocalEvaluator | RayEvaluator,
 ) -> dict:
-    """One CMA-ES step (ask, play the population, tell), then the periodic check; the metrics row."""
-    es = state["es"]
-    gen = state["generation"] + 1
+    """One CMA-ES step of every running search (ask, play all populations at once on the same
+    tracks, tell), then the periodic check of each search's mean; the metrics row."""
+    gen = state.generation + 1
     started = time.perf_counter()
-    candidates = np.asarray(es.ask())
+    asked = state.ask()
+    candidates = np.concatenate(asked)
     seeds = [TRAIN_SEED_BASE + gen * cfg.rollouts + r for r in range(cfg.rollouts)]
-    fitness, env_steps = evaluate_candidates(evaluator, candidates, seeds, cfg.early_stop)
-    es.tell(list(candidates), (-fitness).tolist())
+    fitness, played = evaluate_candidates(
+        evaluator, candidates, seeds, cfg.early_stop, cfg.lap_bonus
+    )
+    state.tell(asked, fitness)
     wall = time.perf_counter() - started
 
-    if fitness.max() > state["best"][0]:
-        state["best"] = (float(fitness.max()), candidates[fitness.argmax()].copy())
+    if fitness.max() > state.best[0]:
+        state.best = (float(fitness.max()), candidates[fitness.argmax()].copy())
     row = {
         "generation": gen,
         "best": float(fitness.max()),
         "mean": float(fitness.mean()),
         "worst": float(fitness.min()),
-        "sigma": float(es.sigma),
-        "steps_per_s": env_steps / wall,
+        "sigma": state.sigma(),
+        "laps": float(played.laps.mean()),
+        "steps_per_s": played.env_steps / wall,
         "seconds": wall,
     }
     if cfg.check_every and (gen % cfg.check_every == 0 or gen == cfg.generations):
-        mean = np.asarray(es.mean).copy()
         check_started = time.perf_counter()
-        row["check_mean"], row["check_std"] = _check_mean(
-            evaluator, mean, cfg.check_episodes, cfg.check_steps
-        )
-        state["check_s_per_episode"] = (time.perf_counter() - check_started) / cfg.check_episodes
-        state["checked"].append(
-            {"generation": gen, "check_mean": row["check_mean"], "vector": mean}
-        )
-    state["elapsed"] += time.perf_counter() - started
-    state["generation"] = gen
-    state["np_random"] = np.random.get_state()
-    state["selected"] = False  # a new generation may hold a better mean
+        for k, mean in state.means():
+            check, spread = _check_mean(evaluator, mean, cfg.check_episodes, cfg.check_steps)
+            state.checked.append(Checked(gen, k, check, mean))
+            if cfg.searches > 1:
+                row[f"check_mean_search{k}"] = check
+            if "check_mean" not in row or check > row["check_mean"]:
+                row["check_mean"], row["check_std"] = check, spread
+        seconds = time.perf_counter() - check_started
+        state.check_s_per_episode = seconds / (cfg.check_episodes * len(state.alive))
+    state.elapsed += time.perf_counter() - started
+    if len(state.alive) > 1 and gen >= cfg.cull_after:
+        state.cull()
     return row
 
 
 def _select(
-    cfg: TrainControllerConfig, state: dict, evaluator: LocalEvaluator | RayEvaluator
+    cfg: TrainControllerConfig, state: SearchState, evaluator: LocalEvaluator | RayEvaluator
 ) -> dict:
     """The checked mean that plays best on fresh held-out tracks, among those with the best checks.
 
@@ -282,36 +316,38 @@ def _select(
     score is not inflated by the luck that made it a finalist.
     """
     started = time.perf_counter()
-    ranked = sorted(state["checked"], key=lambda c: c["check_mean"], reverse=True)
-    finalists = ranked[: cfg.select_top]
+    finalists = sorted(state.checked, key=lambda c: c.check_mean, reverse=True)[: cfg.select_top]
     seeds = [SELECT_SEED_BASE + i for i in range(cfg.select_episodes)]
-    vectors = np.stack([f["vector"] for f in finalists])
+    vectors = np.stack([f.vector for f in finalists])
     returns = evaluator.play(
         np.repeat(vectors, len(seeds), axis=0), seeds * len(finalists), 0, cfg.check_steps
     )
     scores = returns.returns.reshape(len(finalists), len(seeds))
     winner = int(scores.mean(axis=1).argmax())
-    state["elapsed"] += time.perf_counter() - started
+    state.elapsed += time.perf_counter() - started
     return {
-        "generation": finalists[winner]["generation"],
+        "generation": finalists[winner].generation,
         "episodes": len(seeds),
         "seeds": [seeds[0], seeds[-1]],
         "finalists": [
             {
-                "generation": f["generation"],
-                "check_mean": f["check_mean"],
+                "generation": f.generation,
+                "search": f.search,
+                "check_mean": f.check_mean,
                 "select_mean": float(score.mean()),
                 "select_std": float(score.std()),
             }
             for f, score in zip(finalists, scores)
         ],
-        "vector": finalists[winner]["vector"],
+        "vector": finalists[winner].vector,
     }
 
 
-def _save_selection(folder: Path, choice: dict, agent: Agent) -> None:
+def _save_selection(folder: Path, choice: dict, agent: Agent, sources: dict) -> None:
     summary = {k: v for k, v in choice.items() if k != "vector"}
-    save_controller(folder, choice["vector"], agent, {"generation": choice["generation"]})
+    save_controller(
+        folder, choice["vector"], agent, {**sources, "generation": choice["generation"]}
+    )
     atomic_write_text(folder / SELECTION, json.dumps(summary, indent=2) + "\n")
     best = max(summary["finalists"], key=lambda f: f["select_mean"])
     log(
@@ -329,9 +365,9 @@ def run(cfg: TrainControllerConfig) -> Path:
     if cfg.backend == "local":
         use_acting_threads(cfg.device)
     agent = load_world_model(cfg.run_dir, cfg.device, cfg.z_only)
+    sources = world_model_sources(cfg.run_dir)  # recorded with C: it acts only with this V and M
 
-    state = None if cfg.force else _load_state(folder)
-    if state is not None:
+    if not cfg.force and (folder / ES_STATE).exists():
         require_same_settings(
             cfg,
             folder / "config.json",
@@ -340,45 +376,49 @@ def run(cfg: TrainControllerConfig) -> Path:
             "rerun with the same settings to resume, add --force to start over, or use another "
             "--run-dir",
         )
+    state = None if cfg.force else _load_state(cfg, agent, folder)
     if state is None:
-        state = _new_state(cfg, agent)
+        state = SearchState.new(_settings(cfg, agent))
     else:
-        np.random.set_state(state["np_random"])  # pycma samples from numpy's global RNG
-        for key, value in (("checked", []), ("check_s_per_episode", 0.0), ("selected", False)):
-            state.setdefault(key, value)  # a state saved before selection existed
-    done = state["generation"] >= cfg.generations or _out_of_time(cfg, state)
-    wants_selection = bool(cfg.select_top and not state["selected"] and state["checked"])
+        np.random.set_state(state.np_random)  # pycma samples from numpy's global RNG
+    done = state.generation >= cfg.generations or _out_of_time(cfg, state)
+    wants_selection = bool(cfg.select_top and not state.selected and state.checked)
     if done and not wants_selection:
-        log(f"train-controller: {state['generation']} generations already done in {folder}")
+        log(f"train-controller: {state.generation} generations already done in {folder}")
         return folder
-    if state["generation"]:
-        log(f"train-controller: resuming after generation {state['generation']}")
+    if state.generation:
+        log(f"train-controller: resuming after generation {state.generation}")
     save_config(cfg, folder / "config.json")
-    metrics = MetricsLog(folder, resume_after=state["generation"] or None, key="generation")
+    metrics = MetricsLog(folder, resume_after=state.generation or None, key="generation")
 
     evaluator = make_evaluator(
         cfg.backend,
         agent,
-        EpisodeSettings(cfg.env, cfg.max_steps),
+        EpisodeSettings(cfg.env, cfg.max_steps, lockstep=cfg.deterministic),
         cfg.workers,
         cfg.ray_address,
         cfg.ray_chunks,
         cfg.ray_cpus_per_task,
+        cfg.ray_timeout_min * 60,
     )
-    bar = progress_bar(cfg.generations, "train-controller", unit="gen", initial=state["generation"])
+    bar = progress_bar(cfg.generations, "train-controller", unit="gen", initial=state.generation)
     try:
-        while state["generation"] < cfg.generations:
+        while state.generation < cfg.generations:
             if _out_of_time(cfg, state):
                 log(f"train-controller: time budget of {cfg.time_budget_min} min reached")
                 break
             row = _generation(cfg, state, evaluator)
-            gen = state["generation"]
-            save_controller(folder, np.asarray(state["es"].mean), agent, {"generation": gen})
-            best_fitness, best_vector = state["best"]
+            gen = state.generation
+            leader = np.asarray(state.optimizers[state.leader()].mean)
+            save_controller(folder, leader, agent, {**sources, "generation": gen})
+            best_fitness, best_vector = state.best
             save_controller(
-                folder / "best", best_vector, agent, {"generation": gen, "fitness": best_fitness}
+                folder / "best",
+                best_vector,
+                agent,
+                {**sources, "generation": gen, "fitness": best_fitness},
             )
-            _save_state(folder, state)
+            state.save(folder / ES_STATE)
             metrics.write(row, gen)
             bar.update(1)
             bar.set_postfix(
@@ -387,14 +427,14 @@ def run(cfg: TrainControllerConfig) -> Path:
                 sps=f"{row['steps_per_s']:.0f}",
             )
         bar.close()
-        if cfg.select_top and state["checked"] and not state["selected"]:
+        if cfg.select_top and state.checked and not state.selected:
             log(
-                f"train-controller: final selection, {min(cfg.select_top, len(state['checked']))} "
+                f"train-controller: final selection, {min(cfg.select_top, len(state.checked))} "
                 f"checked means × {cfg.select_episodes} fresh held-out tracks"
             )
-            _save_selection(folder, _select(cfg, state, evaluator), agent)
-            state["selected"] = True
-            _save_state(folder, state)
+            _save_selection(folder, _select(cfg, state, evaluator), agent, sources)
+            state.selected = True
+            state.save(folder / ES_STATE)
     finally:
         evaluator.close()
         bar.close()

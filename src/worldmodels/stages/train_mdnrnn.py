@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,12 +39,21 @@ from worldmodels.checkpoint import (
     MODEL_META,
     TrainingCheckpoint,
     clear_training_outputs,
+    model_is_intact,
     read_model_meta,
     save_model,
 )
 from worldmodels.config import option, require_same_settings, save_config
 from worldmodels.data import split_by_episode
-from worldmodels.data.dataset import prefetch
+from worldmodels.data.dataset import MDN_VAL_FRACTION
+from worldmodels.data.latents import (
+    VAE_SOURCE,
+    EpisodeBatch,
+    chunks,
+    iterate_batches,
+    load_latents,
+    open_latents,
+)
 from worldmodels.data.manifest import ManifestEntry
 from worldmodels.errors import UserError
 from worldmodels.layout import RunDir, writable_dir
@@ -52,7 +61,6 @@ from worldmodels.metrics import MetricsLog
 from worldmodels.models import MDNRNN, mdnrnn_loss
 from worldmodels.progress import log, progress_bar
 from worldmodels.runtime import pick_device, seed_everything
-from worldmodels.stages.encode import VAE_SOURCE, LatentEpisode, load_latents, open_latents
 
 COMMAND = "train-mdnrnn"
 VAL_NOISE_KEY = 999_999  # validation noise is drawn from rng([seed, VAL_NOISE_KEY]) every epoch
@@ -71,7 +79,9 @@ class TrainMDNRNNConfig:
     n_gaussians: int = option(5, "mixture components per latent dimension")
     reward_weight: float = option(1.0, "weight of the reward MSE in the loss")
     done_weight: float = option(1.0, "weight of the done BCE in the loss")
-    val_fraction: float = option(0.05, "fraction of episodes held out (by episode seed)")
+    val_fraction: float = option(
+        MDN_VAL_FRACTION, "fraction of episodes held out (by episode seed)"
+    )
     seed: int = option(0, "seed of the weights, the episode order and the z samples")
     device: str = option("auto", "torch device: auto (cuda if available), cpu or cuda")
     force: bool = option(False, "start over, discarding the checkpoint and the trained model")
@@ -89,85 +99,6 @@ class TrainMDNRNNConfig:
 
 # Settings that define the model being trained; changing them needs --force (or a new run dir).
 _IDENTITY = ("hidden", "n_gaussians", "seed", "val_fraction")
-
-
-# --- data -------------------------------------------------------------------------------------
-
-
-@dataclass
-class EpisodeBatch:
-    """B episodes padded to the longest: inputs at t, targets for t+1, mask of real steps."""
-
-    z: torch.Tensor  # (B, T+1, Z) sampled latents
-    actions: torch.Tensor  # (B, T, A)
-    rewards: torch.Tensor  # (B, T)
-    done: torch.Tensor  # (B, T) 1 at the last step of a terminated episode
-    mask: torch.Tensor  # (B, T) True where the step exists
-
-    @property
-    def steps(self) -> int:
-        return self.actions.shape[1]
-
-
-def done_targets(ep: LatentEpisode) -> np.ndarray:
-    """1 at the last step only if the episode terminated; truncation is not an episode end."""
-    done = np.zeros(ep.steps, np.float32)
-    done[-1] = float(ep.terminated)
-    return done
-
-
-def make_batch(episodes: Sequence[LatentEpisode], rng: np.random.Generator) -> EpisodeBatch:
-    """Sample z ~ N(μ, σ²) per frame and pad the episodes into one batch."""
-    b, t = len(episodes), max(ep.steps for ep in episodes)
-    z_dim, a_dim = episodes[0].mu.shape[1], episodes[0].actions.shape[1]
-    z = np.zeros((b, t + 1, z_dim), np.float32)
-    actions = np.zeros((b, t, a_dim), np.float32)
-    rewards = np.zeros((b, t), np.float32)
-    done = np.zeros((b, t), np.float32)
-    mask = np.zeros((b, t), bool)
-    for i, ep in enumerate(episodes):
-        n = ep.steps
-        noise = rng.standard_normal(ep.mu.shape, dtype=np.float32)
-        z[i, : n + 1] = ep.mu + np.exp(0.5 * ep.logvar) * noise
-        actions[i, :n], rewards[i, :n], done[i, :n] = ep.actions, ep.rewards, done_targets(ep)
-        mask[i, :n] = True
-    tensors = (torch.from_numpy(x) for x in (z, actions, rewards, done, mask))
-    return EpisodeBatch(*tensors)
-
-
-def iterate_batches(
-    folder: Path,
-    entries: Sequence[ManifestEntry],
-    batch_size: int,
-    rng: np.random.Generator,
-    shuffle: bool,
-) -> Iterator[EpisodeBatch]:
-    """Batches of episodes streamed from disk, the next one loaded in the background."""
-    order = rng.permutation(len(entries)) if shuffle else np.arange(len(entries))
-
-    def produce() -> Iterator[EpisodeBatch]:
-        for start in range(0, len(order), batch_size):
-            group = [entries[i] for i in order[start : start + batch_size]]
-            yield make_batch([load_latents(Path(folder) / e.file) for e in group], rng)
-
-    return prefetch(produce(), depth=1)
-
-
-def chunks(batch: EpisodeBatch, seq_len: int, device) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Consecutive (z_t, a_t, z_{t+1}, r_t, done_t, mask_t) windows of `seq_len` steps."""
-    for s in range(0, batch.steps, seq_len):
-        e = min(s + seq_len, batch.steps)
-        yield tuple(
-            x.to(device, non_blocking=True)
-            for x in (
-                batch.z[:, s:e],
-                batch.actions[:, s:e],
-                batch.z[:, s + 1 : e + 1],
-                batch.rewards[:, s:e],
-                batch.done[:, s:e],
-                batch.mask[:, s:e],
-            )
-        )
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -298,6 +229,9 @@ def _stale(what: str) -> UserError:
 def _trained_epochs(folder: Path, source: str) -> int:
     """Epochs of the finished M in `folder` (-1 if none); an M of older latents is an error."""
     if not (folder / MODEL_META).exists():
+        return -1
+    if not model_is_intact(folder):
+        log(f"{COMMAND}: the model in {folder} is damaged: writing it again from the checkpoint")
         return -1
     meta = read_model_meta(folder, COMMAND)
     if meta.get("latents_vae_sha256", source) != source:

@@ -5,32 +5,13 @@ are held out for validation. Every epoch writes a checkpoint (model + optimizer 
 weights so far), so a rerun after a kill resumes at the last finished epoch and never starts
 over; the final model is the epoch with the lowest validation SSE.
 
-Speed options (precision, memory layout, compilation) change how fast a step runs, not what
-it computes, so "auto" decides them by measurement on the machine it runs on:
-
-* Candidates: fp32 and fp32 + channels_last always; bf16 autocast (± channels_last) only where
-  the hardware does bf16 natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX). On CPUs
-  without it bf16 autocast was measured 10-25x slower, so it is not worth even trying.
-* A startup micro-benchmark trains a copy of the net per candidate for 5 steps on the same real
-  batch, same initial weights and same noise, interleaved so a busy neighbour slows them all
-  alike, and keeps each one's fastest step (~4 s for the full-size net on 2 cores).
-* A candidate "keeps the loss" if its loss after those steps is within 2% of fp32's (bf16
-  tracks fp32 to 0.1% over such steps); the fastest such candidate wins, but only if it beats
-  plain fp32 by more than 5% (less is timing noise). So the default is never slower than fp32.
-* torch.compile is not part of "auto": on this 2-core AMX machine it cost 10-25 s to compile
-  (cold cache) and gained nothing (interleaved, 20 steps: fp32 494 vs compiled 487 img/s,
-  bf16 + channels_last 714 vs compiled 716), so it is opt-in with `--compile true`.
-
-Measured here (Xeon with AMX, 2 cores, full-size VAE, batch 100, `worldmodels bench --only
-vae_train`): fp32 ~495 img/s, fp32 + channels_last ~485, bf16 ~630, bf16 + channels_last ~715,
-all with held-out SSE after 20 steps within 2% of fp32, so auto picks bf16 + channels_last
-here (1.4x fp32). Validation runs in fp32, so the reported figures do not depend on the speed
-options.
+Speed options (precision, memory layout, compilation) are chosen by measurement on the machine
+it runs on: see `worldmodels.vae_speed`. Validation runs in fp32, so the reported figures do not
+depend on them.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -44,6 +25,7 @@ from worldmodels.checkpoint import (
     MODEL_WEIGHTS,
     TrainingCheckpoint,
     clear_training_outputs,
+    model_is_intact,
     read_model_meta,
     save_model,
 )
@@ -55,13 +37,15 @@ from worldmodels.data import (
     open_episodes,
     split_by_episode,
 )
+from worldmodels.data.dataset import VAE_VAL_FRACTION
 from worldmodels.data.manifest import ManifestEntry
 from worldmodels.errors import UserError
 from worldmodels.layout import RunDir, writable_dir
 from worldmodels.metrics import MetricsLog
-from worldmodels.models import ConvVAE, frames_to_tensor, vae_loss
+from worldmodels.models import ConvVAE, vae_loss
 from worldmodels.progress import log, progress_bar
-from worldmodels.runtime import cpu_supports_fast_bf16, pick_device
+from worldmodels.runtime import pick_device
+from worldmodels.vae_speed import Speed, choose_speed, prepare_model, to_input, train_step
 
 COMMAND = "train-vae"
 
@@ -75,7 +59,7 @@ class TrainVAEConfig:
     free_bits: float = option(0.5, "KL floor in nats per latent dim (the paper uses 0.5)")
     z_dim: int = option(32, "latent size")
     channels: tuple[int, ...] = option((32, 64, 128, 256), "encoder channels, 4 comma-separated")
-    val_fraction: float = option(0.1, "share of episodes held out for validation")
+    val_fraction: float = option(VAE_VAL_FRACTION, "share of episodes held out for validation")
     buffer_episodes: int = option(8, "episodes mixed in the shuffle buffer (bounds memory)")
     max_train_frames: int = option(0, "training frames per epoch, a random subset (0 = all)")
     max_val_frames: int = option(0, "validation frames per epoch, always the same ones (0 = all)")
@@ -112,163 +96,6 @@ class TrainVAEConfig:
 
 # Settings that define what a checkpoint *is*; the rest (epochs, lr, speed) may change on resume.
 _IDENTITY = ("z_dim", "channels", "val_fraction")
-
-
-# ---------------------------------------------------------------------------------------------
-# Speed options
-
-
-@dataclass(frozen=True)
-class Speed:
-    """How a training step runs. None of these change the maths, only how fast it is done."""
-
-    bf16: bool = False
-    channels_last: bool = False
-    compile: bool = False
-
-    @property
-    def name(self) -> str:
-        parts = ["bf16" if self.bf16 else "fp32"]
-        parts += ["channels_last"] * self.channels_last + ["compile"] * self.compile
-        return "+".join(parts)
-
-
-@dataclass
-class SpeedResult:
-    img_per_s: float
-    losses: list[float]  # loss at each step: same data, weights and noise for every option
-    model: ConvVAE  # the copy this option trained (the benchmark validates it)
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_supports_fast_bf16()
-
-
-def speed_candidates(cfg: TrainVAEConfig, device: torch.device) -> list[Speed]:
-    """The options "auto" chooses between; a fixed setting narrows them. Plain comes first."""
-    if cfg.precision == "auto":
-        precisions = [False, True] if bf16_is_fast(device) else [False]
-    else:
-        precisions = [cfg.precision == "bf16"]
-    layouts = {"auto": [False, True], "on": [True], "off": [False]}[cfg.channels_last]
-    return [Speed(bf16, cl, cfg.compile) for bf16 in precisions for cl in layouts]
-
-
-def autocast(device: torch.device, speed: Speed):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=speed.bf16)
-
-
-def to_input(frames: np.ndarray, device: torch.device, speed: Speed) -> torch.Tensor:
-    x = frames_to_tensor(frames, device)
-    return x.contiguous(memory_format=torch.channels_last) if speed.channels_last else x
-
-
-def prepare_model(model: ConvVAE, device: torch.device, speed: Speed) -> tuple[ConvVAE, Callable]:
-    """Move the model and return (model, forward); forward is the compiled model if asked."""
-    model = model.to(device)
-    if speed.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if speed.compile else model
-    return model, forward
-
-
-def train_step(
-    forward: Callable,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    free_bits: float,
-    device: torch.device,
-    speed: Speed,
-) -> dict[str, torch.Tensor]:
-    """One Adam step on a batch; returns the (detached) loss figures of `vae_loss`."""
-    with autocast(device, speed):
-        x_hat, mu, logvar = forward(x)
-    out = vae_loss(x, x_hat, mu, logvar, free_bits)  # computed in fp32 whatever the autocast
-    optimizer.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    optimizer.step()
-    return {k: v.detach() for k, v in out.items()}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_speeds(
-    candidates: list[Speed],
-    model: ConvVAE,
-    batches: list[np.ndarray],
-    device: torch.device,
-    lr: float,
-    free_bits: float,
-    steps: int = 5,
-) -> dict[Speed, SpeedResult]:
-    """Train a copy of `model` per option for `steps` steps, interleaved; fastest step time.
-
-    Each copy first takes one untimed warm-up step (kernel selection, compilation). Step i uses
-    the same batch (cycling through `batches`) and the same reparameterisation noise in every
-    copy, so their losses are comparable. A timed step includes the uint8 -> float conversion.
-    The fastest step is the figure least disturbed by other processes sharing the CPU (with a
-    median of 3 steps, a collect running beside it once made auto pick fp32 + channels_last,
-    1.5x slower than bf16 + channels_last).
-    """
-    runs = []
-    for speed in candidates:
-        copy_, forward = prepare_model(copy.deepcopy(model), device, speed)
-        runs.append((speed, copy_, forward, torch.optim.Adam(copy_.parameters(), lr=lr)))
-    times: dict[Speed, list[float]] = {speed: [] for speed in candidates}
-    losses: dict[Speed, list[float]] = {speed: [] for speed in candidates}
-    for step in range(steps + 1):
-        frames = batches[step % len(batches)]
-        for speed, _, forward, optimizer in runs:
-            torch.manual_seed(step)
-            _sync(device)
-            start = time.perf_counter()
-            x = to_input(frames, device, speed)
-            out = train_step(forward, optimizer, x, free_bits, device, speed)
-            _sync(device)
-            if step > 0:
-                times[speed].append(time.perf_counter() - start)
-            losses[speed].append(out["loss"].item())
-    return {
-        speed: SpeedResult(len(batches[0]) / min(times[speed]), losses[speed], m)
-        for speed, m, _, _ in runs
-    }
-
-
-def keeps_loss(result: SpeedResult, reference: SpeedResult, tolerance: float = 0.02) -> bool:
-    """Same loss as the reference after the same steps, within a relative tolerance."""
-    final, ref = result.losses[-1], reference.losses[-1]
-    return bool(np.isfinite(final)) and abs(final - ref) <= tolerance * abs(ref)
-
-
-def pick_fastest(results: dict[Speed, SpeedResult], margin: float = 0.05) -> Speed:
-    """The fastest option that keeps the loss of the first (plain) one, if clearly faster."""
-    baseline = next(iter(results))
-    kept = [s for s, r in results.items() if keeps_loss(r, results[baseline])]
-    best = max(kept, key=lambda s: results[s].img_per_s)
-    if results[best].img_per_s > (1 + margin) * results[baseline].img_per_s:
-        return best
-    return baseline
-
-
-def choose_speed(
-    cfg: TrainVAEConfig, model: ConvVAE, frames: np.ndarray, device: torch.device
-) -> tuple[Speed, dict[Speed, SpeedResult]]:
-    """Resolve the "auto" speed options by measurement (see the module docstring)."""
-    candidates = speed_candidates(cfg, device)
-    if cfg.precision == "bf16" and not bf16_is_fast(device):
-        log(f"{COMMAND}: warning: no native bf16 on this {device.type}; bf16 may be much slower")
-    if len(candidates) == 1:
-        return candidates[0], {}
-    results = measure_speeds(candidates, model, [frames], device, cfg.lr, cfg.free_bits)
-    speed = pick_fastest(results)
-    figures = ", ".join(f"{s.name} {r.img_per_s:.0f}" for s, r in results.items())
-    log(f"{COMMAND}: speed options measured (img/s): {figures}; using {speed.name}")
-    return speed, results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +199,9 @@ def _check_same_identity(cfg: TrainVAEConfig, out: Path) -> None:
 def _finished(out: Path, cfg: TrainVAEConfig) -> dict | None:
     """The finished model's metadata if it already covers the requested epochs."""
     if not (out / MODEL_META).exists():
+        return None
+    if not model_is_intact(out):
+        log(f"{COMMAND}: the model in {out} is damaged: writing it again from the checkpoint")
         return None
     meta = read_model_meta(out, COMMAND)
     return meta if meta.get("epochs_requested", 0) >= cfg.epochs else None

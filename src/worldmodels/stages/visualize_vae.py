@@ -22,14 +22,14 @@ import numpy as np
 import torch
 
 from worldmodels.artifacts import load_vae
-from worldmodels.config import load_config, option
+from worldmodels.config import option
 from worldmodels.data import load_episode, open_episodes, split_by_episode
+from worldmodels.data.dataset import VAE_VAL_FRACTION, saved_val_fraction
 from worldmodels.errors import UserError
 from worldmodels.io import atomic_write_bytes
 from worldmodels.layout import RunDir
 from worldmodels.models import ConvVAE, frames_to_tensor
 from worldmodels.progress import log
-from worldmodels.stages.train_vae import TrainVAEConfig
 
 FRAME = 64
 GAP = 2  # pixels between tiles, before upscaling
@@ -57,9 +57,7 @@ def held_out_frames(run_dir: Path, limit: int = MAX_HELD_OUT_FRAMES) -> np.ndarr
     """Frames of the episodes train-vae held out (the same split), at most `limit` of them."""
     layout = RunDir(run_dir)
     entries = open_episodes(layout.episodes)
-    val_fraction = TrainVAEConfig().val_fraction
-    if (layout.vae / "config.json").exists():
-        val_fraction = load_config(TrainVAEConfig, layout.vae / "config.json").val_fraction
+    val_fraction = saved_val_fraction(layout.vae / "config.json", VAE_VAL_FRACTION)
     train, val = split_by_episode(entries, val_fraction)
     frames, total = [], 0
     for entry in val or train:  # no held-out episodes: show training frames rather than nothing

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from worldmodels.config import (
 )
 from worldmodels.errors import UserError
 from worldmodels.io import atomic_write_text
-from worldmodels.layout import writable_dir
+from worldmodels.layout import run_lock, writable_dir
 from worldmodels.progress import log
 from worldmodels.seeds import COLLECT_TRACKS_PER_RUN_SEED
 
@@ -54,6 +55,18 @@ class Stage:
     command: str
     config: type
     run: Callable[[Any], Any]
+    inputs: tuple[str, ...] = ()  # files (relative to the run dir) that vouch for its inputs
+    output: str = ""  # the file it finishes with: a finished stage missing it runs again
+    help: str = ""  # its command's one-line help (the CLI's stage commands are these stages)
+
+
+# What vouches for each stage's inputs: the manifests (one checksum per file) and the model.json
+# files (the checksum of the weights). When one changes, the stage is stale and starts over.
+EPISODES = "data/episodes/manifest.jsonl"
+VAE = "vae/model.json"
+LATENTS = "latents/manifest.jsonl"
+MDNRNN = "mdnrnn/model.json"
+CONTROLLER = "controller/model.json"
 
 
 def stages() -> list[Stage]:
@@ -70,20 +83,87 @@ def stages() -> list[Stage]:
     )
 
     return [
-        Stage("collect", "collect", collect.CollectConfig, collect.run),
-        Stage("vae", "train-vae", train_vae.TrainVAEConfig, train_vae.run),
-        Stage("visualize", "visualize-vae", visualize_vae.VisualizeVAEConfig, visualize_vae.run),
-        Stage("encode", "encode", encode.EncodeConfig, encode.run),
-        Stage("mdnrnn", "train-mdnrnn", train_mdnrnn.TrainMDNRNNConfig, train_mdnrnn.run),
-        Stage("dream", "dream", dream.DreamConfig, dream.run),
+        Stage(
+            "collect",
+            "collect",
+            collect.CollectConfig,
+            collect.run,
+            (),
+            EPISODES,
+            "collect exploration rollouts, one file per episode (resumable)",
+        ),
+        Stage(
+            "vae",
+            "train-vae",
+            train_vae.TrainVAEConfig,
+            train_vae.run,
+            (EPISODES,),
+            VAE,
+            "train V, the conv VAE, on the collected frames (resumable)",
+        ),
+        Stage(
+            "visualize",
+            "visualize-vae",
+            visualize_vae.VisualizeVAEConfig,
+            visualize_vae.run,
+            (EPISODES, VAE),
+            "vae/reconstructions.png",
+            "write reconstruction and latent-traversal PNGs of the trained VAE",
+        ),
+        Stage(
+            "encode",
+            "encode",
+            encode.EncodeConfig,
+            encode.run,
+            (EPISODES, VAE),
+            LATENTS,
+            "encode every episode into its VAE latents (mu, logvar) per frame (resumable)",
+        ),
+        Stage(
+            "mdnrnn",
+            "train-mdnrnn",
+            train_mdnrnn.TrainMDNRNNConfig,
+            train_mdnrnn.run,
+            (LATENTS,),
+            MDNRNN,
+            "train M, the MDN-RNN, on the latents with truncated BPTT (resumable)",
+        ),
+        Stage(
+            "dream",
+            "dream",
+            dream.DreamConfig,
+            dream.run,
+            (VAE, LATENTS, MDNRNN),
+            "dream/dream.gif",
+            "roll M forward from a real frame (or an agent's drive): real-vs-dream GIF and "
+            "latent-error plot",
+        ),
         Stage(
             "controller",
             "train-controller",
             train_controller.TrainControllerConfig,
             train_controller.run,
+            (VAE, MDNRNN),
+            CONTROLLER,
+            "train the linear controller with CMA-ES, population batched in one env pool "
+            "(resumable)",
         ),
-        Stage("evaluate", "evaluate", evaluate.EvaluateConfig, evaluate.run),
-        Stage("report", "report", report.ReportConfig, report.run),
+        Stage(
+            "evaluate",
+            "evaluate",
+            evaluate.EvaluateConfig,
+            evaluate.run,
+            (VAE, MDNRNN, CONTROLLER),
+            "eval/eval.json",
+            "score the saved controller on N official CarRacing-v3 tracks (mean ± std, GIFs)",
+        ),
+        Stage(
+            "report",
+            "report",
+            report.ReportConfig,
+            report.run,
+            help="rebuild report.md and report.html of a run dir",
+        ),
     ]
 
 
@@ -195,6 +275,15 @@ def _load_record(path: Path) -> dict:
         return {}
 
 
+def fingerprint(root: Path, files: tuple[str, ...]) -> str:
+    """One sha256 over the files that vouch for a stage's inputs ("" for a stage with none)."""
+    digest = hashlib.sha256()
+    for name in files:
+        path = root / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.exists() else b"-"))
+    return digest.hexdigest() if files else ""
+
+
 def _clock(seconds: float) -> str:
     return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
@@ -205,6 +294,12 @@ def run_pipeline(cfg: RunConfig, args: argparse.Namespace | None = None) -> Path
     if str(cfg.run_dir) in ("", "."):
         cfg = dataclasses.replace(cfg, run_dir=Path("runs") / cfg.preset)
     root = writable_dir(cfg.run_dir)
+    with run_lock(root, "run"):
+        _run_plan(cfg, root, args)
+    return root
+
+
+def _run_plan(cfg: RunConfig, root: Path, args: argparse.Namespace | None) -> None:
     record_path = root / "run.json"
     record = {} if cfg.force else _load_record(record_path)
     if record.get("preset") not in (None, cfg.preset):
@@ -224,24 +319,38 @@ def run_pipeline(cfg: RunConfig, args: argparse.Namespace | None = None) -> Path
     for k, (stage, stage_cfg) in enumerate(plan, 1):
         settings = to_jsonable(stage_cfg)
         settings.pop("force", None)
+        settings.pop("run_dir", None)  # a moved or copied run dir is the same run
         done = record["stages"].get(stage.key, {})
         elapsed = time.perf_counter() - started
         left = sum(expected.get(s.key, 0) for s, _ in plan[k - 1 :])
         eta = f", about {left:.0f} min left" if left else ""
-        if done.get("done") and done.get("config") == settings and stage.key != "report":
+        inputs = fingerprint(root, stage.inputs)
+        stale = done.get("done") and done.get("inputs", inputs) != inputs
+        finished = stage.output and (root / stage.output).exists()
+        if done.get("done") and done.get("config") == settings and not stale and finished:
             log(f"[{k}/{len(plan)}] {stage.command}: already done, skipped")
             continue
+        if stale:
+            log(
+                f"[{k}/{len(plan)}] {stage.command}: its inputs changed since it ran: starting over"
+            )
+            if hasattr(stage_cfg, "force"):
+                stage_cfg = dataclasses.replace(stage_cfg, force=True)
         log(f"[{k}/{len(plan)}] {stage.command} (elapsed {_clock(elapsed)}{eta})")
         stage_started = time.perf_counter()
         stage.run(stage_cfg)
         wall = time.perf_counter() - stage_started
-        record["stages"][stage.key] = {"done": True, "config": settings, "wall_s": round(wall, 1)}
+        record["stages"][stage.key] = {
+            "done": True,
+            "config": settings,
+            "inputs": inputs,
+            "wall_s": round(wall, 1),
+        }
         atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
     from worldmodels import report
 
     report.run(report.ReportConfig(run_dir=root))  # again, now that every timing is recorded
     log(f"run: finished in {_clock(time.perf_counter() - started)}; report at {root / 'report.md'}")
-    return root
 
 
 def run_from_args(args: argparse.Namespace) -> Path:
