@@ -56,7 +56,7 @@ def writable_dir(path: Path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-probe"
+        probe = path / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
@@ -99,7 +99,11 @@ def _acquire(path: Path, root: Path):
     """The open lock file, flocked; retried when the file we locked was just removed by its
     previous holder (then someone else may be locking the new one)."""
     while True:
-        handle = open(path, "a+")  # noqa: SIM115 -- held open for the whole command
+        try:
+            handle = open(path, "a+")  # noqa: SIM115 -- held open for the whole command
+        except FileNotFoundError:  # a previous holder just removed the empty run dir
+            root.mkdir(parents=True, exist_ok=True)
+            continue
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -275,12 +275,26 @@ def _load_record(path: Path) -> dict:
         return {}
 
 
+def _vouches(path: Path) -> bytes:
+    """What a file says about the data, not its bytes: a manifest's (index, sha256) pairs in
+    index order (collect rewrites it sorted), a model.json's weights checksum."""
+    if not path.exists():
+        return b"-"
+    text = path.read_text()
+    try:
+        if path.name.endswith(".jsonl"):
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            return json.dumps(sorted((r["index"], r["sha256"]) for r in rows)).encode()
+        return str(json.loads(text)["sha256"]).encode()
+    except (ValueError, KeyError, TypeError):
+        return text.encode()
+
+
 def fingerprint(root: Path, files: tuple[str, ...]) -> str:
-    """One sha256 over the files that vouch for a stage's inputs ("" for a stage with none)."""
+    """One sha256 over what vouches for a stage's inputs ("" for a stage with none)."""
     digest = hashlib.sha256()
     for name in files:
-        path = root / name
-        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.exists() else b"-"))
+        digest.update(name.encode() + b"\0" + _vouches(root / name))
     return digest.hexdigest() if files else ""
 
 
@@ -310,6 +324,9 @@ def _run_plan(cfg: RunConfig, root: Path, args: argparse.Namespace | None) -> No
     save_config(cfg, root / "run_config.json")
 
     plan = [(stage, stage_config(stage, cfg, args)) for stage in stages()]
+    for _, stage_cfg in plan:  # a bad override stops here, not after an hour of earlier stages
+        if hasattr(stage_cfg, "validate"):
+            stage_cfg.validate()
     atomic_write_text(
         root / "resolved_config.json",
         json.dumps({s.key: to_jsonable(c) for s, c in plan}, indent=2) + "\n",

@@ -1,7 +1,8 @@
 """The controller's CMA-ES search, and a state of plain numbers that resumes it exactly.
 
 One run can hold several independent searches stepped side by side (each its own pycma
-optimizer, all playing the same tracks each generation) until a cull keeps the one whose recent
+optimizer, all playing the same tracks each generation; pycma draws from numpy's global
+generator, which the last optimizer built seeds, so the searches share one seeded stream) until a cull keeps the one whose recent
 checks are best: the same V and M gave final scores 175 points apart for two CMA-ES seeds, so
 trying two for a while and keeping the better is cheaper than hoping for a good one.
 
@@ -23,7 +24,7 @@ from worldmodels.errors import UserError
 from worldmodels.io import atomic_write_text
 from worldmodels.progress import log
 
-SEED_STRIDE = 10_007  # search k of run seed s is seeded s + 1 + SEED_STRIDE * k
+SEED_STRIDE = 10_007  # pycma's seed option of search k of run seed s: s + 1 + SEED_STRIDE * k
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ class SearchState:
                 None if best["vector"] is None else np.asarray(best["vector"], dtype=float),
             )
             state.np_random = (kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached)
+            np.random.RandomState().set_state(state.np_random)  # malformed: refused below
             state.checked = [
                 Checked(int(c["generation"]), int(c["search"]), float(c["check_mean"]),
                         np.asarray(c["vector"], dtype=float))

@@ -179,7 +179,7 @@ def choose_speed(
     """Resolve the "auto" speed options by measurement (see the module docstring)."""
     candidates = speed_candidates(cfg, device)
     if cfg.precision == "bf16" and not bf16_is_fast(device):
-        log("train-vae: warning: no native bf16 on this {device.type}; bf16 may be much slower")
+        log(f"train-vae: warning: no native bf16 on this {device.type}; bf16 may be much slower")
     if len(candidates) == 1:
         return candidates[0], {}
     results = measure_speeds(candidates, model, [frames], device, cfg.lr, cfg.free_bits)

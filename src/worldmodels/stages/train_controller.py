@@ -376,11 +376,12 @@ def run(cfg: TrainControllerConfig) -> Path:
             "rerun with the same settings to resume, add --force to start over, or use another "
             "--run-dir",
         )
+    if cfg.force:  # nothing of the old search may be resumed under the new settings
+        for name in (ES_STATE, SELECTION):
+            (folder / name).unlink(missing_ok=True)
     state = None if cfg.force else _load_state(cfg, agent, folder)
     if state is None:
         state = SearchState.new(_settings(cfg, agent))
-    else:
-        np.random.set_state(state.np_random)  # pycma samples from numpy's global RNG
     done = state.generation >= cfg.generations or _out_of_time(cfg, state)
     wants_selection = bool(cfg.select_top and not state.selected and state.checked)
     if done and not wants_selection:
@@ -401,6 +402,8 @@ def run(cfg: TrainControllerConfig) -> Path:
         cfg.ray_cpus_per_task,
         cfg.ray_timeout_min * 60,
     )
+    if state.np_random is not None:  # pycma samples from numpy's global RNG: as it was saved
+        np.random.set_state(state.np_random)
     bar = progress_bar(cfg.generations, "train-controller", unit="gen", initial=state.generation)
     try:
         while state.generation < cfg.generations:
@@ -418,8 +421,8 @@ def run(cfg: TrainControllerConfig) -> Path:
                 agent,
                 {**sources, "generation": gen, "fitness": best_fitness},
             )
+            metrics.write(row, gen)  # before the state: a kill in between redoes the generation
             state.save(folder / ES_STATE)
-            metrics.write(row, gen)
             bar.update(1)
             bar.set_postfix(
                 best=f"{row['best']:.0f}",
