@@ -29,14 +29,13 @@ from worldmodels.errors import UserError
 from worldmodels.io import atomic_write_text
 from worldmodels.layout import RunDir, writable_dir
 from worldmodels.progress import log, progress_bar
-from worldmodels.rollout import TIME_PENALTY, run_episodes
+from worldmodels.rollout import OFF_PLAYFIELD, TIME_PENALTY, run_episodes
 from worldmodels.runtime import use_acting_threads
 from worldmodels.seeds import first
 from worldmodels.viz import save_gif
 
 EVAL_SEED_BASE = first("evaluate")
 SOLVED = 900.0
-OFF_PLAYFIELD_PENALTY = 100.0  # CarRacing's charge for driving off the playfield
 
 
 @dataclass
@@ -113,7 +112,7 @@ def lap_outcomes(
         visited = (ret + TIME_PENALTY * n) * count / 1000.0
         lap = bool(done) and visited > count - 0.5
         if done and not lap:
-            visited += OFF_PLAYFIELD_PENALTY * count / 1000.0
+            visited -= OFF_PLAYFIELD * count / 1000.0
         missed = max(0, count - int(round(visited)))
         end = "lap" if lap else ("off_playfield" if done else "timeout")
         outcomes.append({"tiles": int(count), "tiles_missed": missed, "end": end})
