@@ -15,7 +15,7 @@ export SDL_VIDEODRIVER ?= dummy
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,ray]"
+	$(BIN)/python -m pip install -q -e ".[dev,ray,sb3]"
 	touch $(STAMP)
 
 install: $(STAMP)

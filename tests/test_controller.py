@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from worldmodels import scoring
 from worldmodels.agent import Agent
 from worldmodels.artifacts import load_controller, load_world_model
 from worldmodels.checkpoint import save_model
 from worldmodels.cli import main
 from worldmodels.envs import BatchedEnv, make_env
-from worldmodels.evaluators import Played
+from worldmodels.errors import UserError
+from worldmodels.evaluators import EpisodeSettings, LocalEvaluator, Played
 from worldmodels.layout import RunDir
 from worldmodels.metrics import read_metrics
 from worldmodels.models import MDNRNN, ConvVAE, LinearController, controller_param_count
@@ -117,27 +119,18 @@ def _train(run_dir, generations: int, **kw):
     return train_controller.run(cfg)
 
 
-def test_train_controller_resume_equals_an_uninterrupted_run(world_run, tmp_path_factory):
-    other = tmp_path_factory.mktemp("straight")
-    shutil.copytree(world_run, other, dirs_exist_ok=True)
-    folder = _train(world_run, generations=2)
-    _train(world_run, generations=3)  # resumes after generation 2
-    straight = _train(other, generations=3)
+def test_train_controller_writes_checked_means_a_best_candidate_and_a_selection(world_run):
+    """(That a stopped run resumes to exactly an uninterrupted one: tests/test_resume.py.)"""
+    folder = _train(world_run, generations=3)
     rows = read_metrics(folder / "metrics.jsonl")
     assert [r["generation"] for r in rows] == [1, 2, 3]
-    again = read_metrics(straight / "metrics.jsonl")
-    for a, b in zip(rows, again):
-        assert a["best"] == pytest.approx(b["best"], abs=1e-4)
-        assert a["mean"] == pytest.approx(b["mean"], abs=1e-4)
-        assert a["sigma"] == pytest.approx(b["sigma"], rel=1e-9)
     assert "check_mean" in rows[1] and np.isfinite(rows[1]["check_mean"])
     assert all(r["best"] >= r["mean"] >= r["worst"] for r in rows)
     assert (folder / "model.json").exists() and (folder / "best" / "model.json").exists()
     meta = json.loads((folder / "model.json").read_text())
     assert meta["generation"] in (2, 3) and meta["arch"]["input_dim"] == 24  # the checked means
-    assert json.loads((folder / "selection.json").read_text()) == json.loads(
-        (straight / "selection.json").read_text()
-    )
+    selection = json.loads((folder / "selection.json").read_text())
+    assert selection["generation"] == meta["generation"]
 
 
 def test_selection_keeps_the_finalist_that_plays_best_on_fresh_tracks(world_run):
@@ -346,17 +339,15 @@ def test_a_lap_is_told_from_leaving_the_playfield_and_earns_the_lap_bonus(world_
             played = run_episodes(_ScriptedEnds(3, max_steps=5), agent, controllers, seeds)
             return Played(played.returns, played.env_steps, played.laps)
 
-    plain, _ = train_controller.evaluate_candidates(Scripted(), np.zeros((3, 1)), [0], 0)
-    bonus, _ = train_controller.evaluate_candidates(Scripted(), np.zeros((3, 1)), [0], 0, 50.0)
+    plain, _ = scoring.evaluate_candidates(Scripted(), np.zeros((3, 1)), [0], 0)
+    bonus, _ = scoring.evaluate_candidates(Scripted(), np.zeros((3, 1)), [0], 0, 50.0)
     assert (bonus - plain).tolist() == [50.0, 0.0, 0.0]
 
 
 def test_check_plays_its_own_step_limit_not_the_training_one(world_run):
     """Training episodes may be short; the check and selection play the length evaluation does."""
     agent = load_world_model(world_run)
-    evaluator = train_controller.LocalEvaluator(
-        agent, train_controller.EpisodeSettings("envpool", 20)
-    )
+    evaluator = LocalEvaluator(agent, EpisodeSettings("envpool", 20))
     params = np.zeros((2, controller_param_count(agent.input_dim)))
     try:
         short = evaluator.play(params, [3, 4])
@@ -389,7 +380,7 @@ def test_diagonal_cma_learns_the_variances_faster(world_run):
             run_dir=world_run, population=8, diagonal=diagonal
         )
         es = SearchState.new(train_controller._settings(cfg, agent)).optimizers[0]
-        stds0 = train_controller.initial_stds(agent, cfg.h_sigma_scale)
+        stds0 = scoring.initial_stds(agent, cfg.h_sigma_scale)
         for _ in range(30):
             xs = es.ask()
             es.tell(xs, [float(1e4 * x[0] ** 2 + np.sum(x**2)) for x in xs])
@@ -456,3 +447,64 @@ def test_a_missing_cuda_device_is_one_line(trained_run, capsys):
     assert main(["evaluate", "--run-dir", str(trained_run), "--device", "cuda"]) == 2
     err = capsys.readouterr().err.strip()
     assert "no CUDA device" in err and len(err.splitlines()) == 1
+
+
+def test_rollouts_grow_as_the_search_narrows_on_tracks_of_their_own():
+    """Episodes per candidate follow sqrt(sigma0 / sigma) between --rollouts and --max-rollouts;
+    the first --rollouts tracks of a generation are the plain run's, the extra ones never
+    repeat a track of any generation."""
+    grow = [scoring.rollouts_at(s, 0.1, 2, 4) for s in (0.2, 0.1, 0.07, 0.05, 0.03, 0.01)]
+    assert grow == [2, 2, 2, 3, 4, 4]
+    assert scoring.rollouts_at(0.01, 0.1, 2, 0) == 2  # off: always --rollouts
+    for gen in range(1, 50):
+        assert scoring.training_tracks(gen, 2, 2, 4) == scoring.training_tracks(gen, 2, 2, 0)
+    used = [t for gen in range(1, 50) for t in scoring.training_tracks(gen, 4, 2, 4)]
+    assert len(used) == len(set(used)) == 49 * 4
+    bad = train_controller.TrainControllerConfig(rollouts=3, max_rollouts=2)
+    with pytest.raises(UserError, match="--max-rollouts"):
+        bad.validate()
+
+
+def test_a_generation_that_grows_plays_the_extra_tracks(world_run, monkeypatch):
+    """When the rule asks for more episodes, every candidate plays the generation's plain tracks
+    plus the extra ones, and the metrics row records how many."""
+    asked = iter([2, 3, 3])
+    monkeypatch.setattr(train_controller, "rollouts_at", lambda *args: next(asked))
+    played_seeds = []
+    evaluate = scoring.evaluate_candidates
+
+    def spy(evaluator, candidates, seeds, *args):
+        played_seeds.append(list(seeds))
+        return evaluate(evaluator, candidates, seeds, *args)
+
+    monkeypatch.setattr(train_controller, "evaluate_candidates", spy)
+    folder = _train(world_run, generations=3, check_every=0, select_top=0, max_rollouts=3)
+    assert [r["rollouts"] for r in read_metrics(folder / "metrics.jsonl")] == [2, 3, 3]
+    base, extra = scoring.TRAIN_SEED_BASE, scoring.EXTRA_TRAIN_SEED_BASE
+    assert played_seeds == [
+        [base + 2, base + 3],
+        [base + 4, base + 5, extra + 2],
+        [base + 6, base + 7, extra + 3],
+    ]
+
+
+def test_the_local_evaluator_keeps_only_the_env_pools_in_use(world_run):
+    """Growing rollouts change the training batch size; pools of old sizes are closed, not
+    kept (with gymnasium each pool holds worker processes)."""
+    agent = load_world_model(world_run)
+    evaluator = LocalEvaluator(agent, EpisodeSettings("envpool", 5))
+    params = np.zeros((6, controller_param_count(agent.input_dim)))
+    closed = []
+    try:
+        for size in (2, 3, 2, 4, 5):
+            evaluator.play(params[:size], list(range(size)))
+            for env in evaluator._envs.values():
+                if not hasattr(env, "_spy"):
+                    env._spy = True
+                    env.close = (lambda real, n: lambda: (closed.append(n), real())[1])(
+                        env.close, env.num_envs
+                    )
+        assert list(evaluator._envs) == [(2, 5), (4, 5), (5, 5)]
+        assert closed == [3]
+    finally:
+        evaluator.close()

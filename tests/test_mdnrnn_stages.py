@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodels.artifacts import load_mdnrnn
 from worldmodels.checkpoint import save_model
 from worldmodels.cli import main
 from worldmodels.data import load_episode, open_episodes
@@ -148,30 +147,21 @@ def test_done_target_is_one_only_at_the_end_of_terminated_episodes():
     torch.testing.assert_close(pieces[1][2], batch.z[:, 3:5])  # targets are z_{t+1}
 
 
-def test_train_mdnrnn_learns_and_a_resumed_run_equals_a_straight_one(tmp_path, encoded_run):
-    links = ("data", "vae", "latents")
-    straight = _new_run(tmp_path / "straight", encoded_run, links)
-    resumed = _new_run(tmp_path / "resumed", encoded_run, links)
-    train_mdnrnn.run(_train_cfg(straight, epochs=2))
-    train_mdnrnn.run(_train_cfg(resumed, epochs=1))
-    train_mdnrnn.run(_train_cfg(resumed, epochs=2))
+def test_train_mdnrnn_learns_and_a_finished_run_is_skipped(tmp_path, encoded_run):
+    """(That a stopped run resumes to exactly an uninterrupted one: tests/test_resume.py.)"""
+    root = _new_run(tmp_path / "run", encoded_run, ("data", "vae", "latents"))
+    train_mdnrnn.run(_train_cfg(root, epochs=2))
 
-    rows = read_metrics(RunDir(resumed).mdnrnn / "metrics.jsonl")
+    rows = read_metrics(RunDir(root).mdnrnn / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     for key in ("val_nll", "val_nll_sum", "val_reward_mse", "val_done_bce"):
         assert all(np.isfinite(r[key]) for r in rows)
     assert rows[2]["val_nll"] < rows[0]["val_nll"]  # better than the untrained model
     assert rows[2]["val_nll_sum"] == pytest.approx(8 * rows[2]["val_nll"], rel=1e-4)
 
-    a, b = load_mdnrnn(straight), load_mdnrnn(resumed)
-    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(pa, pb, atol=0, rtol=0, msg=name)
-    straight_rows = read_metrics(RunDir(straight).mdnrnn / "metrics.jsonl")
-    assert [r["val_nll"] for r in rows] == [r["val_nll"] for r in straight_rows]
-
-    weights = RunDir(resumed).mdnrnn / "model.safetensors"
+    weights = RunDir(root).mdnrnn / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    train_mdnrnn.run(_train_cfg(resumed, epochs=2))  # finished: skipped
+    train_mdnrnn.run(_train_cfg(root, epochs=2))  # finished: skipped
     assert weights.stat().st_mtime_ns == before
 
 

@@ -12,11 +12,24 @@ import pytest
 import torch
 
 from worldmodels.agent import Agent
+from worldmodels.errors import UserError
 from worldmodels.evaluators import EpisodeSettings, LocalEvaluator, RayEvaluator
 from worldmodels.models import MDNRNN, ConvVAE, controller_param_count
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # starts a Ray instance
+
+
+def test_an_unreachable_ray_cluster_is_one_line_not_a_hang():
+    """Runs before the local Ray of the other tests starts: nothing listens on that port (left
+    to itself, ray.init retries such an address for many minutes)."""
+    assert not ray.is_initialized()
+    started = time.monotonic()
+    with pytest.raises(UserError, match="cannot reach the Ray cluster at '127.0.0.1:9'") as err:
+        RayEvaluator(tiny_agent(), EpisodeSettings("envpool", 20), address="127.0.0.1:9")
+    ray.shutdown()
+    assert "--ray-address" in str(err.value) and "\n" not in str(err.value)
+    assert time.monotonic() - started < 30
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,11 @@ BAD_INPUTS = [
     (["train-controller", "--searches", "2", "--check-every", "0"], "--check-every"),
     (["train-controller", "--deterministic", "--time-budget-min", "5"], "--deterministic"),
     (["train-controller", "--generations", "999999"], "--generations"),
+    (["train-controller", "--max-rollouts", "1"], "--max-rollouts"),
+    (["train-controller", "--dream-temperature", "0"], "--dream-temperature"),
+    (["train-controller", "--dream-generations", "40"], "--dream-generations"),
+    (["train-controller", "--env", "dream", "--backend", "ray"], "--backend local"),
+    (["evaluate", "--dream-episodes", "-1"], "--dream-episodes"),
     (["evaluate", "--episodes", "0"], "--episodes"),
     (["evaluate", "--max-steps", "2000"], "--max-steps"),
     (["evaluate", "--env", "atari"], "invalid choice"),
@@ -229,18 +234,27 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_written_file(
     assert (out / "agent.json").exists() and not list(out.rglob("*.tmp"))
 
 
-def test_every_preset_names_real_fields_with_values_its_stage_accepts():
-    """A typo in a preset (`"epoch": 2`) or a bad value fails here, not an hour into a run."""
+def test_every_preset_is_built_of_its_stages_configs_with_values_they_accept():
+    """A typo in a preset (`epoch=2`) fails when the preset is built; a value of the wrong type
+    (`epochs="2"`) or out of range fails here, not an hour into a run."""
     import dataclasses
 
     from worldmodels import pipeline
+    from worldmodels.presets import presets
 
-    for preset in pipeline.PRESETS:
-        assert set(pipeline.PRESETS[preset]) == {s.key for s in pipeline.stages()}, preset
-        for stage in pipeline.stages():
-            cfg = pipeline.stage_config(stage, pipeline.RunConfig(preset=preset), None)
-            for name, value in pipeline.PRESETS[preset][stage.key].items():
-                field = next(f for f in dataclasses.fields(stage.config) if f.name == name)
-                assert isinstance(value, type(field.default)), (preset, stage.key, name)
+    stages = {s.key: s for s in pipeline.stages()}
+    assert set(presets()) == set(
+        pipeline.RunConfig.__dataclass_fields__["preset"].metadata["choices"]
+    )
+    for name, preset in presets().items():
+        assert set(preset.configs) <= set(stages), name
+        assert set(preset.expected_min) <= set(stages), name
+        for key, stage in stages.items():
+            given = preset.configs.get(key)
+            assert given is None or type(given) is stage.config, (name, key)
+            cfg = pipeline.stage_config(stage, pipeline.RunConfig(preset=name), None)
+            for field in dataclasses.fields(cfg):
+                value, default = getattr(cfg, field.name), field.default
+                assert isinstance(value, type(default)), (name, key, field.name)
             if hasattr(cfg, "validate"):
                 cfg.validate()

@@ -1,4 +1,5 @@
-"""World Models for CarRacing-v3. In a notebook: `from worldmodels import load_agent`."""
+"""World Models for CarRacing-v3. In a notebook: `from worldmodels import load_agent`; to train
+any RL library inside a run's world model: `from worldmodels import make_dream_env`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ def __getattr__(name: str):
         from worldmodels import artifacts
 
         return getattr(artifacts, name)
+    if name == "make_dream_env":
+        from worldmodels import dream_gym
+
+        return dream_gym.make_dream_env
     raise AttributeError(f"module 'worldmodels' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "export_agent", "load_agent"]
+__all__ = ["__version__", "export_agent", "load_agent", "make_dream_env"]

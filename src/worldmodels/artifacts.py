@@ -62,6 +62,13 @@ def load_controller(root: Path, which: str = "mean") -> tuple[torch.Tensor, dict
     return load_model(folder, LinearController, "train-controller").flat(), meta
 
 
+def save_controller(folder: Path, vector: np.ndarray, agent: Agent, extra: dict) -> None:
+    """C as a model folder that rebuilds it: its input size and whether it sees h beside z."""
+    controller = LinearController.from_flat(torch.as_tensor(vector, dtype=torch.float32))
+    arch = {"input_dim": agent.input_dim, "action_dim": 3}
+    save_model(folder, controller, arch, {"z_only": agent.z_only, **extra})
+
+
 def frame_crop(root: Path) -> bool:
     """Whether V was trained on frames with the dashboard cropped off (collect's `--crop`)."""
     for path in (Path(root) / AGENT_META, RunDir(root).data / "config.json"):

@@ -312,6 +312,27 @@ def dream_batch1024(cfg: BenchConfig) -> dict:
     return _dream(1024)
 
 
+def dream_train_pop1024(cfg: BenchConfig) -> dict:
+    """CMA-ES in the dream: 64 candidates x 16 dreams each (the paper's population), 200-step
+    dreams through train-controller's own dream evaluator, controller included."""
+    import torch
+
+    from worldmodels.dream import DreamEvaluator
+    from worldmodels.models import MDNRNN, controller_param_count
+
+    torch.manual_seed(0)
+    starts = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
+    evaluator = DreamEvaluator(MDNRNN(), starts, max_steps=200)
+    rng = np.random.default_rng(1)
+    params = rng.normal(0, 0.1, (64, controller_param_count(32 + 256))).astype(np.float32)
+    batch, seeds = np.repeat(params, 16, axis=0), list(range(16)) * 64
+    evaluator.play(batch[:64], seeds[:64], max_steps=5)  # warm up
+    start = time.perf_counter()
+    played = evaluator.play(batch, seeds)
+    wall = time.perf_counter() - start
+    return {"steps_per_s": played.env_steps / wall, "dreams": len(batch), "steps": 200}
+
+
 def _vae_frames(episodes: int = 6, max_steps: int = 240) -> tuple[np.ndarray, np.ndarray]:
     """Real frames from a few short envpool episodes: all but the last episode to train on,
     the last one held out (what the loss check validates on)."""
@@ -426,6 +447,7 @@ MEASUREMENTS = {
     "mdnrnn_train": mdnrnn_train,
     "dream_batch1": dream_batch1,
     "dream_batch1024": dream_batch1024,
+    "dream_train_pop1024": dream_train_pop1024,
     "vae_train": vae_train,
     "vae_encode": vae_encode,
     "collect_peak_rss": collect_peak_rss,
@@ -441,6 +463,7 @@ def _ratios(results: dict) -> dict:
         "collect_envpool_over_bare_envpool": ("collect_envpool", "bare_envpool"),
         "collect_gymnasium_over_bare_gymnasium": ("collect_gymnasium", "bare_gymnasium"),
         "dream_batch1024_over_bare_envpool": ("dream_batch1024", "bare_envpool"),
+        "dream_train_pop1024_over_bare_envpool": ("dream_train_pop1024", "bare_envpool"),
         "agent_envpool_pop64_over_bare_envpool_pop64": (
             "agent_envpool_pop64",
             "bare_envpool_pop64",

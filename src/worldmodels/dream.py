@@ -2,8 +2,9 @@
 
 `DreamEnv` is the batched "environment inside the world model": it holds B dreams, takes B
 actions per step and returns each dream's next z, predicted reward, predicted episode end and the
-LSTM hidden state h (the controller acts on [z; h]). Batch sizes in the thousands are the point:
-the controller issue evaluates a whole CMA-ES population in one dream batch.
+LSTM hidden state h (the controller acts on [z; h]). `DreamEvaluator` plays controllers in it
+the way the real evaluators play them on tracks, so CMA-ES trains a whole population in one
+dream batch (`train-controller --env dream`); `dream_gym` wraps it for Gymnasium.
 
 A dream step is M's one step (`MDNRNN.advance`, the fused LSTM cell acting uses too), its
 prediction from h (`MDNRNN.predict`) and the one mixture sampler (`sample_next_z`): acting,
@@ -18,7 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from worldmodels.models import MDNRNN, ConvVAE, sample_next_z
+from worldmodels.evaluators import Played
+from worldmodels.models import MDNRNN, ConvVAE, batched_controller_actions, sample_next_z
+from worldmodels.rollout import TIME_PENALTY
 
 Policy = Callable[[torch.Tensor], torch.Tensor]  # features [z; h] (B, Z+H) -> actions (B, A)
 
@@ -39,7 +42,7 @@ class DreamEnv:
 
     `reset(z0)` starts one dream per row of z0 with a zero LSTM state (as every episode starts
     in training); `step(actions)` advances all of them. Dreams are never reset or frozen
-    implicitly: `ended` accumulates predicted episode ends so the caller can mask finished ones.
+    implicitly: each step's `done` says which predicted an episode end, for the caller to mask.
     Sampling uses `generator` (default: a fresh one seeded 0), so the same seed and actions give
     the same dreams.
     """
@@ -61,7 +64,6 @@ class DreamEnv:
         self.z = torch.zeros(0, model.z_dim, device=self.device)
         self.h = torch.zeros(0, model.hidden, device=self.device)
         self.c = torch.zeros_like(self.h)
-        self.ended = torch.zeros(0, dtype=torch.bool, device=self.device)
 
     @property
     def num_dreams(self) -> int:
@@ -76,18 +78,21 @@ class DreamEnv:
         self.z = self._tensor(z0).reshape(-1, self.model.z_dim).clone()
         self.h = torch.zeros(len(self.z), self.model.hidden, device=self.device)
         self.c = torch.zeros_like(self.h)
-        self.ended = torch.zeros(len(self.z), dtype=torch.bool, device=self.device)
         return self.features()
 
     @torch.inference_mode()
-    def step(self, actions: torch.Tensor | np.ndarray) -> DreamStep:
-        """Advance every dream by one action (B, A); returns the new z, h, reward and done."""
+    def step(
+        self,
+        actions: torch.Tensor | np.ndarray,
+        noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> DreamStep:
+        """Advance every dream by one action (B, A); returns the new z, h, reward and done.
+        `noise` replaces the generator's draws (see `sample_next_z`)."""
         self.h, self.c = self.model.advance(self.z, self._tensor(actions), self.h, self.c)
         out = self.model.predict(self.h)
-        self.z = sample_next_z(out, self.temperature, self.generator)
+        self.z = sample_next_z(out, self.temperature, self.generator, noise)
         done_prob = torch.sigmoid(out.done_logit[:, 0])
         done = done_prob > self.done_threshold
-        self.ended |= done
         return DreamStep(self.z, self.h, out.reward[:, 0], done_prob, done)
 
     @torch.inference_mode()
@@ -100,6 +105,18 @@ class DreamEnv:
 
     def _tensor(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         return torch.as_tensor(x, dtype=torch.float32, device=self.device)
+
+
+def controller_policy(params: torch.Tensor, z_only: bool, z_dim: int) -> Policy:
+    """One linear controller (flat `params`) as a dream policy; it sees z alone if `z_only`."""
+    flat = torch.as_tensor(params, dtype=torch.float32).reshape(1, -1)
+
+    def act(features: torch.Tensor) -> torch.Tensor:
+        inputs = features[:, :z_dim] if z_only else features
+        weights = flat.to(features.device).expand(len(features), -1)
+        return batched_controller_actions(weights, inputs)
+
+    return act
 
 
 @dataclass
@@ -147,3 +164,90 @@ def dream_rollout(
         done_prob=torch.stack(dones, dim=1) if dones else empty,
         actions=torch.stack(taken, dim=1) if taken else empty.unsqueeze(-1),
     )
+
+
+class DreamEvaluator:
+    """Episodes dreamed by M instead of played: M's reward head is the reward, its episode-end
+    head (above `done_threshold`) ends the episode, and thousands of dreams step as one batch.
+
+    Seed s picks the dream's start (one of `starts`, real encoded first frames) and all of its
+    sampling noise, so every candidate given seed s dreams from the same start with the same
+    noise, as every candidate given a real track drives the same track.
+    """
+
+    def __init__(
+        self,
+        mdnrnn: MDNRNN,
+        starts: np.ndarray | torch.Tensor,
+        max_steps: int,
+        temperature: float = 1.0,
+        z_only: bool = False,
+        done_threshold: float = 0.5,
+    ):
+        self.dream = DreamEnv(mdnrnn, temperature, done_threshold=done_threshold)
+        self.starts = torch.as_tensor(starts, dtype=torch.float32, device=self.dream.device)
+        self.max_steps = max_steps
+        self.z_only = z_only
+
+    def _noise(self, seeds: list[int], steps: int) -> tuple[torch.Tensor, ...]:
+        """Per distinct seed: its start, and every step's uniform and Gaussian draws."""
+        z_dim, starts, ends, normals = self.starts.shape[1], [], [], []
+        for seed in seeds:
+            g = torch.Generator().manual_seed(seed)
+            starts.append(self.starts[torch.randint(len(self.starts), (1,), generator=g)][0])
+            ends.append(torch.rand(steps, 1, z_dim, generator=g))
+            normals.append(torch.randn(steps, z_dim, generator=g))
+        device = self.dream.device
+        return tuple(torch.stack(x).to(device) for x in (starts, ends, normals))
+
+    @torch.inference_mode()
+    def play(
+        self,
+        params: np.ndarray,
+        seeds: list[int],
+        early_stop: int = 0,
+        max_steps: int | None = None,
+    ) -> Played:
+        """Dreamed returns of `params[i]` from seed `seeds[i]`; `early_stop` stops a dream after
+        that many steps without a positive predicted reward and charges it as `run_episodes`
+        does."""
+        steps = max_steps or self.max_steps
+        distinct = sorted(set(seeds))
+        dream = self.dream
+        device = dream.device
+        row = torch.as_tensor([distinct.index(s) for s in seeds], device=device)
+        starts, uniforms, normals = self._noise(distinct, steps)
+        batch = torch.as_tensor(np.asarray(params), dtype=torch.float32, device=device)
+        dream.reset(starts[row])
+        n = len(seeds)
+        returns = torch.zeros(n, dtype=torch.float64, device=device)
+        ids = torch.arange(n, device=device)  # the dreams still going: the dream's rows
+        since_reward = torch.zeros(n, dtype=torch.long, device=device)
+        played = 0
+        for t in range(steps):
+            inputs = dream.z if self.z_only else dream.features()
+            actions = batched_controller_actions(batch, inputs)
+            out = dream.step(actions, (uniforms[row, t], normals[row, t]))
+            returns[ids] += out.reward.double()
+            played += len(ids)
+            since_reward = torch.where(out.reward > 0, 0, since_reward + 1)
+            ended = out.done.clone()
+            if early_stop > 0:
+                hopeless = (since_reward >= early_stop) & ~out.done  # as run_episodes charges
+                returns[ids[hopeless]] -= TIME_PENALTY * (steps - t - 1)
+                ended |= hopeless
+            if ended.any():  # finished dreams leave the batch: no compute spent on them
+                keep = ~ended
+                ids, batch, row, since_reward = (
+                    ids[keep],
+                    batch[keep],
+                    row[keep],
+                    since_reward[keep],
+                )
+                dream.z, dream.h, dream.c = dream.z[keep], dream.h[keep], dream.c[keep]
+                if not len(ids):
+                    break
+        return Played(returns.cpu().numpy(), played, np.zeros(n, dtype=bool))
+
+    def close(self) -> None:
+        pass

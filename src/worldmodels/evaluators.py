@@ -1,16 +1,18 @@
 """Where a batch of episodes runs: in this process, or spread over Ray tasks.
 
-Both evaluators answer the same question, `play(params, seeds)`: the return of controller
+Every evaluator answers the same question, `play(params, seeds)`: the return of controller
 `params[i]` on track `seeds[i]`, for every i. The local one runs every episode in one env pool so V
 and M run once per step for the whole batch. The Ray one cuts the batch into chunks; each chunk is
 a Ray task that rebuilds the agent from V and M in the object store (once per worker process) and
 plays its episodes the same way. Ray retries a task whose worker dies, so a generation survives.
+`worldmodels.dream.DreamEvaluator` answers it too, with dreams of M instead of episodes.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import socket
 import uuid
 from dataclasses import dataclass
 
@@ -23,6 +25,7 @@ from worldmodels.errors import UserError
 from worldmodels.rollout import run_episodes
 
 BACKENDS = ("local", "ray")
+KEPT_ENVS = 3  # env pools kept open per evaluator: training, the check, the final selection
 
 
 @dataclass
@@ -60,9 +63,12 @@ class LocalEvaluator:
         `max_steps` overrides the settings' step limit (checks play whole episodes)."""
         key = (len(seeds), max_steps or self.settings.max_steps)
         if key not in self._envs:
+            if len(self._envs) >= KEPT_ENVS:  # e.g. --max-rollouts grew the training batch
+                self._envs.pop(next(iter(self._envs))).close()
             self._envs[key] = make_env(
                 self.settings.env, key[0], key[1], self.workers, self.settings.lockstep
             )
+        self._envs[key] = self._envs.pop(key)  # most recently used last
         batch = torch.as_tensor(np.asarray(params), dtype=torch.float32)
         result = run_episodes(self._envs[key], self.agent, batch, seeds, early_stop=early_stop)
         return Played(result.returns, result.env_steps, result.laps)
@@ -134,6 +140,12 @@ class RayEvaluator:
     ):
         ray = import_ray()
         if not ray.is_initialized():
+            problem = _unreachable(address or "")
+            if problem:  # ray.init itself retries an unreachable address for many minutes
+                raise UserError(
+                    f"cannot reach the Ray cluster at {address!r} ({problem}): check "
+                    "--ray-address (empty starts a local Ray) or use --backend local"
+                )
             try:
                 ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError, TimeoutError) as err:
@@ -194,6 +206,19 @@ class RayEvaluator:
 
     def close(self) -> None:
         pass  # the Ray instance belongs to the process (or the cluster), not to one evaluator
+
+
+def _unreachable(address: str, timeout_s: float = 10.0) -> str | None:
+    """Why a `host:port` (or `ray://host:port`) address takes no connection, or None; other
+    forms (empty, `auto`) are left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return None
+    except OSError as err:
+        return err.strerror or type(err).__name__
 
 
 def import_ray():

@@ -28,6 +28,7 @@ from worldmodels.config import (
 from worldmodels.errors import UserError
 from worldmodels.io import atomic_write_text
 from worldmodels.layout import run_lock, writable_dir
+from worldmodels.presets import presets
 from worldmodels.progress import log
 from worldmodels.seeds import COLLECT_TRACKS_PER_RUN_SEED
 
@@ -167,81 +168,6 @@ def stages() -> list[Stage]:
     ]
 
 
-# Each preset: per-stage settings over the stage defaults, and the minutes each stage is expected
-# to take on a 2-core CPU (for the "time left" estimate; measured, see README).
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "smoke": {
-        "collect": {"episodes": 6, "max_steps": 60, "envs": 6},
-        "vae": {
-            "epochs": 1,
-            "channels": (8, 16, 16, 32),
-            "batch_size": 32,
-            "precision": "fp32",
-            "channels_last": "off",
-        },
-        "visualize": {},
-        "encode": {},
-        "mdnrnn": {"epochs": 2, "hidden": 32, "batch_size": 4},
-        "dream": {"steps": 20, "error_episodes": 1, "error_samples": 2},
-        "controller": {
-            "generations": 2,
-            "population": 4,
-            "rollouts": 1,
-            "max_steps": 60,
-            "check_steps": 60,
-            "check_every": 1,
-            "check_episodes": 2,
-            "select_top": 2,
-            "select_episodes": 2,
-        },
-        "evaluate": {"episodes": 2, "max_steps": 60, "gif": 1},
-        "report": {},
-    },
-    "quick": {
-        "collect": {"episodes": 200, "max_steps": 1000, "policy": "brownian"},
-        "vae": {"epochs": 2},
-        "visualize": {},
-        "encode": {},
-        "mdnrnn": {"epochs": 20},
-        "dream": {},
-        "controller": {
-            "generations": 1000,
-            "population": 16,
-            "rollouts": 2,
-            "time_budget_min": 29.5,
-        },
-        "evaluate": {"episodes": 100},
-        "report": {},
-    },
-    "full": {
-        "collect": {"episodes": 10_000, "max_steps": 1000, "policy": "random"},
-        "vae": {"epochs": 10},
-        "visualize": {},
-        "encode": {},
-        "mdnrnn": {"epochs": 20},
-        "dream": {},
-        "controller": {"generations": 300, "population": 64, "rollouts": 16},
-        "evaluate": {"episodes": 100},
-        "report": {},
-    },
-}
-EXPECTED_MIN: dict[str, dict[str, float]] = {
-    "smoke": {},
-    "quick": {
-        "collect": 2,
-        "vae": 9.5,
-        "visualize": 0.2,
-        "encode": 1.2,
-        "mdnrnn": 1,
-        "dream": 0.2,
-        "controller": 30,
-        "evaluate": 5,
-        "report": 0.2,
-    },
-    "full": {},
-}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, RunConfig)
     for stage in stages():
@@ -258,13 +184,16 @@ def stage_seed(stage_key: str, run_seed: int) -> int:
 
 
 def stage_config(stage: Stage, cfg: RunConfig, args: argparse.Namespace | None) -> Any:
-    preset = {k: v for k, v in PRESETS[cfg.preset][stage.key].items()}
+    """The stage's config in this run: its preset's, in this run dir, with the run's seed and
+    --force, then the stage's own flags (`--vae.epochs 3`) over all of that."""
+    preset = presets()[cfg.preset].configs.get(stage.key) or stage.config()
     fields = {f.name for f in dataclasses.fields(stage.config)}
+    changes: dict[str, Any] = {"run_dir": cfg.run_dir}
     if "force" in fields and cfg.force:
-        preset["force"] = True
+        changes["force"] = True
     if stage.key in SEEDED_BY_RUN and "seed" in fields:
-        preset["seed"] = stage_seed(stage.key, cfg.seed)
-    base = dataclasses.replace(stage.config(), run_dir=cfg.run_dir, **preset)
+        changes["seed"] = stage_seed(stage.key, cfg.seed)
+    base = dataclasses.replace(preset, **changes)
     return config_from_args(stage.config, args, prefix=f"{stage.key}.", base=base) if args else base
 
 
@@ -303,8 +232,8 @@ def _clock(seconds: float) -> str:
 
 
 def run_pipeline(cfg: RunConfig, args: argparse.Namespace | None = None) -> Path:
-    if cfg.preset not in PRESETS:
-        raise UserError(f"unknown preset {cfg.preset!r}: choose one of {', '.join(PRESETS)}")
+    if cfg.preset not in presets():
+        raise UserError(f"unknown preset {cfg.preset!r}: choose one of {', '.join(presets())}")
     if str(cfg.run_dir) in ("", "."):
         cfg = dataclasses.replace(cfg, run_dir=Path("runs") / cfg.preset)
     root = writable_dir(cfg.run_dir)
@@ -331,7 +260,7 @@ def _run_plan(cfg: RunConfig, root: Path, args: argparse.Namespace | None) -> No
         root / "resolved_config.json",
         json.dumps({s.key: to_jsonable(c) for s, c in plan}, indent=2) + "\n",
     )
-    expected = EXPECTED_MIN.get(cfg.preset, {})
+    expected = presets()[cfg.preset].expected_min
     started = time.perf_counter()
     for k, (stage, stage_cfg) in enumerate(plan, 1):
         settings = to_jsonable(stage_cfg)

@@ -112,6 +112,7 @@ def collect_figures(layout: RunDir) -> dict:
         "selection": _json(layout.controller / "selection.json"),
         "generations": len(ctrl),
         "eval": evaluation,
+        "dreamed": _json(layout.eval / "dream.json"),
         "stages": run_meta.get("stages", {}),
         "rates": stage_rates(layout, evaluation),
         "preset": run_meta.get("preset"),
@@ -148,10 +149,22 @@ def results_table(fig: dict) -> str:
         ("Controller kept", _kept_cell(fig), "—"),
         ("Evaluation mean ± std", eval_cell, REFERENCE["eval"]),
         ("Fraction of tracks ≥ 900", _fmt(ev.get("fraction_solved"), 2) if ev else "—", "—"),
+        ("The same controller in M's dream (its predicted return)", _dreamed_cell(fig), "—"),
     ]
     lines = ["| figure | this run | reference |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
+
+
+def _dreamed_cell(fig: dict) -> str:
+    dreamed = fig["dreamed"]
+    if not dreamed:
+        return "—"
+    return (
+        f"{dreamed['mean']:.1f} ± {dreamed['std']:.1f} over {len(dreamed['returns'])} dreams "
+        f"(τ = {dreamed['temperature']:g}), against {fig['eval'].get('mean', float('nan')):.1f} "
+        "on real tracks"
+    )
 
 
 def _kept_cell(fig: dict) -> str:
@@ -252,6 +265,7 @@ def build_markdown(layout: RunDir, fig: dict, images: dict[str, Path]) -> str:
         "latent_error": "M: latent error over the dream horizon",
         "best": "C: best evaluation track",
         "worst": "C: worst evaluation track",
+        "dream_drive": "C driving inside M's dream (decoded by V)",
     }
     for key, caption in captions.items():
         if key in images:
@@ -312,6 +326,7 @@ def find_images(layout: RunDir) -> dict[str, Path]:
         "traversal": layout.vae / "traversal.png",
         "dream": layout.dream / "dream.gif",
         "latent_error": layout.dream / "latent_error.png",
+        "dream_drive": layout.eval / "dream_drive.gif",
     }
     images = {k: p for k, p in candidates.items() if p.exists()}
     for key in ("best", "worst"):

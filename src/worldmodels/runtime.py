@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -56,3 +57,8 @@ def use_acting_threads(device: torch.device | str = "cpu") -> None:
     env steps/s with one torch thread against 1,544 with two."""
     if torch.device(device).type == "cpu":
         torch.set_num_threads(1)
+
+
+def use_all_threads() -> None:
+    """Every core for torch: for work that is all torch, such as dreaming a population in M."""
+    torch.set_num_threads(os.cpu_count() or 1)

@@ -13,7 +13,8 @@ from worldmodels.errors import UserError
 # name: (first seed, end of the range, what it is for)
 RANGES: dict[str, tuple[int, int, str]] = {
     "collect": (0, 100_000, "exploration episodes (collect)"),
-    "train": (100_000, 500_000, "controller training episodes"),
+    "train": (100_000, 300_000, "controller training episodes"),
+    "train_extra": (300_000, 500_000, "controller training episodes beyond --rollouts"),
     "check": (500_000, 600_000, "the periodic held-out check of the CMA-ES mean"),
     "select": (600_000, 1_000_000, "the final selection among checked means"),
     "evaluate": (1_000_000, 2**31 - 1, "evaluation (the official protocol: 1,000,000 + i)"),

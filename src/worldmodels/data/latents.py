@@ -93,6 +93,12 @@ def open_latents(folder: Path) -> list[ManifestEntry]:
     return valid
 
 
+def first_latents(folder: Path) -> np.ndarray:
+    """The latent (mu) of every encoded episode's first frame (N, Z): where real episodes
+    start, so dreams that start there begin where the controller will."""
+    return np.stack([load_latents(folder / e.file).mu[0] for e in open_latents(folder)])
+
+
 # --- M's batches: whole episodes, padded, cut into truncated-BPTT windows ------------------
 
 

@@ -42,8 +42,6 @@ class BatchedEnv(abc.ABC):
     """N CarRacing-v3 slots; subclasses implement `_reset`, and either `_step` (all requests
     stepped at once) or `_send`/`_recv` (slots served as they come back)."""
 
-    name: str = "base"
-
     def __init__(self, num_envs: int, max_steps: int = MAX_EPISODE_STEPS):
         if num_envs < 1:
             raise ValueError("num_envs must be >= 1")

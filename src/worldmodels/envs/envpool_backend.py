@@ -38,8 +38,6 @@ def default_batch_size(num_envs: int) -> int:
 
 
 class EnvPoolEnv(BatchedEnv):
-    name = "envpool"
-
     def __init__(
         self, num_envs: int, max_steps: int = 1000, num_threads: int = 0, batch_size: int = 0
     ):

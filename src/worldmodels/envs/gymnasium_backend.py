@@ -101,8 +101,6 @@ def _worker(conn: Connection, count: int) -> None:
 
 
 class GymnasiumEnv(BatchedEnv):
-    name = "gymnasium"
-
     def __init__(self, num_envs: int, max_steps: int = MAX_EPISODE_STEPS, workers: int = 0):
         super().__init__(num_envs, max_steps)
         self.workers = min(workers, num_envs)

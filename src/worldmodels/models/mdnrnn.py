@@ -156,7 +156,10 @@ def mdnrnn_loss(
 
 
 def sample_next_z(
-    out_step: MDNOutput, temperature: float = 1.0, generator: torch.Generator | None = None
+    out_step: MDNOutput,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    noise: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sample z_{t+1} (B, Z) from one step's mixture, (B, 1, K, Z) or (B, K, Z).
 
@@ -164,7 +167,9 @@ def sample_next_z(
     renormalised (tau < 1 picks the dominant component more often), and every sigma is scaled by
     sqrt(tau). tau is clamped to >= 1e-3 so tau -> 0 gives a near-deterministic sample, not NaN.
     The component is drawn by inverting the cumulative weights with one uniform per (B, Z):
-    several times faster than `torch.multinomial` over B·Z rows of K choices.
+    several times faster than `torch.multinomial` over B·Z rows of K choices. `noise` gives that
+    uniform (B, 1, Z) and the Gaussian (B, Z) instead of drawing them, so rows given the same
+    noise dream alike (common random numbers for candidates compared on one dream).
     """
     logpi, mu, logsigma = out_step.logpi, out_step.mu, out_step.logsigma
     if logpi.dim() == 4:
@@ -172,9 +177,12 @@ def sample_next_z(
     tau = max(float(temperature), 1e-3)
     b, k, z = logpi.shape
     probs = F.softmax(logpi.float() / tau, dim=1)  # (B, K, Z)
-    u = torch.rand(b, 1, z, generator=generator, device=probs.device, dtype=probs.dtype)
+    if noise is None:
+        u = torch.rand(b, 1, z, generator=generator, device=probs.device, dtype=probs.dtype)
+        eps = torch.randn(b, z, generator=generator, device=probs.device, dtype=mu.dtype)
+    else:
+        u, eps = noise
     comp = (u > probs.cumsum(dim=1)).sum(dim=1, keepdim=True).clamp_(max=k - 1)  # (B, 1, Z)
     mu_k = mu.gather(1, comp).squeeze(1)
     sigma_k = logsigma.gather(1, comp).squeeze(1).exp() * math.sqrt(tau)
-    noise = torch.randn(mu_k.shape, generator=generator, device=mu_k.device, dtype=mu_k.dtype)
-    return mu_k + sigma_k * noise
+    return mu_k + sigma_k * eps

@@ -18,6 +18,8 @@ import torch
 
 from worldmodels.artifacts import DEFAULT_RUN_DIR, agent_root, load_acting_agent, results_dir
 from worldmodels.config import option, save_config
+from worldmodels.data.latents import first_latents
+from worldmodels.dream import DreamEnv, DreamEvaluator, controller_policy, dream_rollout
 from worldmodels.envs import (
     BACKENDS,
     MAX_EPISODE_STEPS,
@@ -35,6 +37,7 @@ from worldmodels.seeds import first
 from worldmodels.viz import save_gif
 
 EVAL_SEED_BASE = first("evaluate")
+DREAM_SEED_BASE = 0  # a dream's seed picks its start and noise; no track is driven
 SOLVED = 900.0
 
 
@@ -60,6 +63,12 @@ class EvaluateConfig:
     gif: int = option(
         2, "GIFs to write: best and worst episode first, then the next best (0 = none)"
     )
+    dream_episodes: int = option(
+        100,
+        "then let the same controller drive N dreams of M (from the run's real first frames): "
+        "dream.json holds the dreamed returns beside the real ones, dream_drive.gif shows a dream "
+        "(0 = skip; needs a run dir with encoded latents)",
+    )
     device: str = option("cpu", "torch device for V and M")
     agent: Path = option(
         Path(""),
@@ -76,8 +85,8 @@ class EvaluateConfig:
         return results_dir(self.run_dir, agent_root(self.agent, self.pretrained) or self.run_dir)
 
     def validate(self) -> None:
-        if self.episodes < 1:
-            raise UserError(f"--episodes must be >= 1, got {self.episodes}")
+        if self.episodes < 1 or self.dream_episodes < 0:
+            raise UserError("need --episodes >= 1 and --dream-episodes >= 0")
         if not 1 <= self.max_steps <= MAX_EPISODE_STEPS:
             raise UserError(f"--max-steps must be in 1..{MAX_EPISODE_STEPS}")
 
@@ -203,7 +212,35 @@ def run(cfg: EvaluateConfig) -> Path:
         + f") in {wall:.0f}s"
     )
     _write_gifs(agent, params, seeds, result.returns, cfg, folder)
+    if cfg.dream_episodes:
+        _dream_drive(agent, params, RunDir(source).latents, cfg, folder)
     return folder
+
+
+def _dream_drive(agent, params: torch.Tensor, latents: Path, cfg: EvaluateConfig, folder: Path):
+    """How the controller does inside M: its dreamed returns (M's reward and episode-end
+    heads, from real first frames) to set beside the real ones, and one dream as a GIF."""
+    try:
+        starts = first_latents(latents)
+    except UserError as err:  # an agent folder has none; the real scores are written already
+        log(f"evaluate: dreamed returns skipped ({err})")
+        return
+    dreamer = DreamEvaluator(agent.mdnrnn, starts, cfg.max_steps, z_only=agent.z_only)
+    seeds = [DREAM_SEED_BASE + i for i in range(cfg.dream_episodes)]
+    played = dreamer.play(params.numpy().reshape(1, -1).repeat(len(seeds), 0), seeds)
+    dreamed = {"temperature": dreamer.dream.temperature, "seeds": [seeds[0], seeds[-1]]}
+    dreamed |= summarize(played.returns) | {"returns": played.returns.tolist()}
+    atomic_write_text(folder / "dream.json", json.dumps(dreamed, indent=2) + "\n")
+    log(
+        f"evaluate: in the dream {dreamed['mean']:.1f} ± {dreamed['std']:.1f} ({len(seeds)} dreams)"
+    )
+    if cfg.gif:
+        env = DreamEnv(agent.mdnrnn, vae=agent.vae)
+        env.generator.manual_seed(seeds[0])
+        policy = controller_policy(params, agent.z_only, agent.vae.z_dim)
+        trajectory = dream_rollout(env, starts[:1], policy=policy, steps=cfg.max_steps)
+        frames = env.decode(trajectory.z[0])
+        save_gif(folder / "dream_drive.gif", frames[::2], fps=25, scale=2)
 
 
 def _write_gifs(agent, params, seeds, returns, cfg: EvaluateConfig, folder: Path) -> None:

@@ -1,15 +1,9 @@
 """`worldmodels train-controller`: CMA-ES over the linear controller, population in one env pool.
 
 Each generation evaluates the whole population at once: pop × rollouts env slots, slot i driven
-by its own candidate, so V and M run once per step for everyone. Every candidate sees the same
-tracks (common random seeds, fresh each generation), so candidates are compared fairly. The
-agent we keep is a CMA-ES *mean*: a best single candidate, ranked on a couple of noisy tracks,
-scored far worse in calibration.
-
-Which mean: the mean wanders as training goes on (its held-out check swung between 520 and 860
-over the last 50 generations of one run), so the last one is a lottery ticket. Every checked mean
-is kept; at the end the few with the best checks play fresh held-out tracks, and the best of them
-on those tracks (which played no part in picking the finalists) is the agent.
+by its own candidate, so V and M run once per step for everyone. Every checked CMA-ES mean is
+kept; at the end the few with the best checks play fresh held-out tracks and the best there is
+the agent (`worldmodels.scoring`: what each candidate, check and finalist is scored on).
 
 With `--searches 2`, two independent searches play side by side until `--cull-after`, then only
 the one with the better recent checks goes on (`worldmodels.search`, which also holds the state
@@ -24,41 +18,45 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from worldmodels.agent import Agent
-from worldmodels.artifacts import load_world_model, world_model_sources
-from worldmodels.checkpoint import save_model
+from worldmodels.artifacts import load_world_model, save_controller, world_model_sources
 from worldmodels.config import option, require_same_settings, save_config
+from worldmodels.data.latents import first_latents
+from worldmodels.dream import DreamEvaluator
 from worldmodels.envs import BACKENDS, MAX_EPISODE_STEPS
 from worldmodels.errors import UserError
 from worldmodels.evaluators import BACKENDS as EVALUATOR_BACKENDS
-from worldmodels.evaluators import (
-    EpisodeSettings,
-    LocalEvaluator,
-    Played,
-    RayEvaluator,
-    make_evaluator,
-)
+from worldmodels.evaluators import EpisodeSettings, make_evaluator
 from worldmodels.io import atomic_write_text
 from worldmodels.layout import RunDir, writable_dir
 from worldmodels.metrics import MetricsLog
-from worldmodels.models import LinearController, controller_param_count
 from worldmodels.progress import log, progress_bar
-from worldmodels.runtime import use_acting_threads
+from worldmodels.runtime import use_acting_threads, use_all_threads
+from worldmodels.scoring import (
+    CHECK_SEED_BASE,
+    EXTRA_TRAIN_SEED_BASE,
+    SELECT_SEED_BASE,
+    TRAIN_SEED_BASE,
+    Evaluator,
+    check_mean,
+    evaluate_candidates,
+    initial_stds,
+    rollouts_at,
+    select_mean,
+    training_tracks,
+)
 from worldmodels.search import Checked, SearchSettings, SearchState
-from worldmodels.seeds import first, require_within
+from worldmodels.seeds import require_within
 
 ES_STATE = "es_state.json"
 PICKLED_STATE = "es_state.pkl"  # what versions before 0.2 wrote; never read (pickle runs code)
-TRAIN_SEED_BASE = first("train")  # tracks for training: generation g plays base + g*rollouts + r
-CHECK_SEED_BASE = first("check")  # fixed held-out tracks for the periodic check of the mean
-SELECT_SEED_BASE = first("select")  # fresh held-out tracks for the final choice among means
 SELECTION = "selection.json"
 # Settings that define the search being resumed; changing them needs --force or a new run dir.
 _IDENTITY = (
     "population",
     "rollouts",
+    "max_rollouts",
     "sigma0",
     "diagonal",
     "h_sigma_scale",
@@ -73,6 +71,8 @@ _IDENTITY = (
     "deterministic",
     "searches",
     "cull_after",
+    "dream_generations",
+    "dream_temperature",
 )
 
 
@@ -84,6 +84,11 @@ class TrainControllerConfig:
     generations: int = option(40, "CMA-ES generations")
     population: int = option(16, "candidates per generation")
     rollouts: int = option(2, "episodes per candidate per generation (same tracks for all)")
+    max_rollouts: int = option(
+        0,
+        "grow the episodes per candidate as CMA-ES narrows: rollouts * sqrt(sigma0 / sigma), "
+        "up to this many (0 = always --rollouts); late candidates differ by less than track luck",
+    )
     sigma0: float = option(0.1, "initial CMA-ES step size")
     searches: int = option(
         1,
@@ -115,7 +120,20 @@ class TrainControllerConfig:
         "missed tile costs only ~3 points of return but the lap, and 900 needs every lap; "
         "checks, selection and evaluation score the plain return",
     )
-    env: str = option("envpool", "env backend for training episodes", BACKENDS)
+    env: str = option(
+        "envpool",
+        "where training episodes run: a real env backend, or dream (inside M: its reward and "
+        "episode-end heads, starting from real first frames; checks and selection dream too)",
+        (*BACKENDS, "dream"),
+    )
+    dream_generations: int = option(
+        0,
+        "with a real --env: play the first N generations inside M, then go on in the real env "
+        "from where the dream left the search (checks start with the real generations)",
+    )
+    dream_temperature: float = option(
+        1.0, "temperature tau of the dream's sampling (--env dream, --dream-generations)"
+    )
     workers: int = option(0, "envpool threads or gymnasium processes (0 = one per core)")
     backend: str = option(
         "local",
@@ -184,47 +202,24 @@ class TrainControllerConfig:
                 "--deterministic counts generations, not minutes, in this process: add "
                 "--time-budget-min 0 (and --backend local), and set --generations"
             )
+        if self.dream_generations < 0 or self.dream_temperature <= 0:
+            raise UserError("need --dream-generations >= 0 and --dream-temperature > 0")
+        if self.env != "dream" and self.dream_generations >= max(1, self.generations):
+            raise UserError("--dream-generations must be below --generations (the rest is real)")
+        if self.searches > 1 and self.dream_generations >= self.cull_after:
+            raise UserError("--cull-after must come after --dream-generations (it needs checks)")
+        if (self.env == "dream" or self.dream_generations) and self.backend != "local":
+            raise UserError("dreams run in this process: use --backend local with the dream")
+        if self.max_rollouts and self.max_rollouts < self.rollouts:
+            raise UserError("--max-rollouts must be 0 (off) or >= --rollouts")
         train_tracks = (self.generations + 1) * self.rollouts
         require_within("train", TRAIN_SEED_BASE, train_tracks, "--generations/--rollouts")
+        extra_tracks = (self.generations + 1) * max(0, self.max_rollouts - self.rollouts)
+        require_within(
+            "train_extra", EXTRA_TRAIN_SEED_BASE, extra_tracks, "--generations/--max-rollouts"
+        )
         require_within("check", CHECK_SEED_BASE, self.check_episodes, "--check-episodes")
         require_within("select", SELECT_SEED_BASE, self.select_episodes, "--select-episodes")
-
-
-def initial_stds(agent: Agent, h_sigma_scale: float) -> np.ndarray:
-    """Per-parameter initial std: 1 for z-weights and biases, `h_sigma_scale` for h-weights.
-
-    h has 256 dims against z's 32; with one σ for all 867 weights the h-term swamps the z-term
-    and training stalled below 60 in calibration.
-    """
-    n = controller_param_count(agent.input_dim)
-    stds = np.ones(n)
-    if not agent.z_only:
-        z_dim = agent.vae.z_dim
-        for row in range(3):
-            start = row * agent.input_dim
-            stds[start + z_dim : start + agent.input_dim] = h_sigma_scale
-    return stds
-
-
-def evaluate_candidates(
-    evaluator: LocalEvaluator | RayEvaluator,
-    candidates: np.ndarray,
-    seeds: list[int],
-    early_stop: int,
-    lap_bonus: float = 0.0,
-) -> tuple[np.ndarray, Played]:
-    """Mean fitness per candidate over the same `seeds` (return, plus `lap_bonus` for each
-    finished lap), and what was played."""
-    count, repeats = len(candidates), len(seeds)
-    played = evaluator.play(np.repeat(candidates, repeats, axis=0), seeds * count, early_stop)
-    fitness = played.returns + lap_bonus * played.laps
-    return fitness.reshape(count, repeats).mean(axis=1), played
-
-
-def save_controller(folder: Path, vector: np.ndarray, agent: Agent, extra: dict) -> None:
-    controller = LinearController.from_flat(torch.as_tensor(vector, dtype=torch.float32))
-    arch = {"input_dim": agent.input_dim, "action_dim": 3}
-    save_model(folder, controller, arch, {"z_only": agent.z_only, **extra})
 
 
 def _settings(cfg: TrainControllerConfig, agent: Agent) -> SearchSettings:
@@ -243,13 +238,54 @@ def _load_state(cfg: TrainControllerConfig, agent: Agent, folder: Path) -> Searc
     return None
 
 
-def _check_mean(
-    evaluator: LocalEvaluator | RayEvaluator, mean: np.ndarray, episodes: int, steps: int
-) -> tuple[float, float]:
-    """The CMA-ES mean on fixed held-out tracks, no early stop: the learning curve we trust."""
-    seeds = [CHECK_SEED_BASE + i for i in range(episodes)]
-    returns = evaluator.play(np.tile(mean, (len(seeds), 1)), seeds, 0, steps).returns
-    return float(returns.mean()), float(returns.std())
+@dataclass
+class _Evaluators:
+    """Where each generation plays: in the dream for the first `dream_generations` (all of them
+    with --env dream), in the real env after. Checks and the selection play where training
+    ends, so a dream-then-real run keeps only means checked on real tracks."""
+
+    real: Evaluator | None
+    dream: DreamEvaluator | None
+    dream_generations: int
+
+    def training(self, generation: int) -> Evaluator | DreamEvaluator:
+        in_dream = self.real is None or generation <= self.dream_generations
+        return self.dream if in_dream else self.real
+
+    def checking(self, generation: int) -> Evaluator | DreamEvaluator | None:
+        if self.real is not None and generation <= self.dream_generations:
+            return None
+        return self.training(generation)
+
+    def selecting(self) -> Evaluator | DreamEvaluator:
+        return self.real or self.dream
+
+    def close(self) -> None:
+        for evaluator in (self.real, self.dream):
+            if evaluator is not None:
+                evaluator.close()
+
+
+def _make_evaluators(cfg: TrainControllerConfig, agent: Agent) -> _Evaluators:
+    dream = None
+    if cfg.env == "dream" or cfg.dream_generations:
+        starts = first_latents(RunDir(cfg.run_dir).latents)
+        dream = DreamEvaluator(
+            agent.mdnrnn, starts, cfg.max_steps, cfg.dream_temperature, agent.z_only
+        )
+    real = None
+    if cfg.env != "dream":
+        real = make_evaluator(
+            cfg.backend,
+            agent,
+            EpisodeSettings(cfg.env, cfg.max_steps, lockstep=cfg.deterministic),
+            cfg.workers,
+            cfg.ray_address,
+            cfg.ray_chunks,
+            cfg.ray_cpus_per_task,
+            cfg.ray_timeout_min * 60,
+        )
+    return _Evaluators(real, dream, cfg.dream_generations)
 
 
 def _out_of_time(cfg: TrainControllerConfig, state: SearchState) -> bool:
@@ -263,7 +299,7 @@ def _out_of_time(cfg: TrainControllerConfig, state: SearchState) -> bool:
 def _generation(
     cfg: TrainControllerConfig,
     state: SearchState,
-    evaluator: LocalEvaluator | RayEvaluator,
+    evaluators: _Evaluators,
 ) -> dict:
     """One CMA-ES step of every running search (ask, play all populations at once on the same
     tracks, tell), then the periodic check of each search's mean; the metrics row."""
@@ -271,9 +307,10 @@ def _generation(
     started = time.perf_counter()
     asked = state.ask()
     candidates = np.concatenate(asked)
-    seeds = [TRAIN_SEED_BASE + gen * cfg.rollouts + r for r in range(cfg.rollouts)]
+    rollouts = rollouts_at(state.sigma(), cfg.sigma0, cfg.rollouts, cfg.max_rollouts)
+    seeds = training_tracks(gen, rollouts, cfg.rollouts, cfg.max_rollouts)
     fitness, played = evaluate_candidates(
-        evaluator, candidates, seeds, cfg.early_stop, cfg.lap_bonus
+        evaluators.training(gen), candidates, seeds, cfg.early_stop, cfg.lap_bonus
     )
     state.tell(asked, fitness)
     wall = time.perf_counter() - started
@@ -287,13 +324,15 @@ def _generation(
         "worst": float(fitness.min()),
         "sigma": state.sigma(),
         "laps": float(played.laps.mean()),
+        "rollouts": rollouts,
         "steps_per_s": played.env_steps / wall,
         "seconds": wall,
     }
-    if cfg.check_every and (gen % cfg.check_every == 0 or gen == cfg.generations):
+    checker = evaluators.checking(gen)
+    if checker and cfg.check_every and (gen % cfg.check_every == 0 or gen == cfg.generations):
         check_started = time.perf_counter()
         for k, mean in state.means():
-            check, spread = _check_mean(evaluator, mean, cfg.check_episodes, cfg.check_steps)
+            check, spread = check_mean(checker, mean, cfg.check_episodes, cfg.check_steps)
             state.checked.append(Checked(gen, k, check, mean))
             if cfg.searches > 1:
                 row[f"check_mean_search{k}"] = check
@@ -308,39 +347,14 @@ def _generation(
 
 
 def _select(
-    cfg: TrainControllerConfig, state: SearchState, evaluator: LocalEvaluator | RayEvaluator
+    cfg: TrainControllerConfig, state: SearchState, evaluator: Evaluator | DreamEvaluator
 ) -> dict:
-    """The checked mean that plays best on fresh held-out tracks, among those with the best checks.
-
-    The finalists are ranked by tracks that played no part in picking them, so the winner's
-    score is not inflated by the luck that made it a finalist.
-    """
     started = time.perf_counter()
-    finalists = sorted(state.checked, key=lambda c: c.check_mean, reverse=True)[: cfg.select_top]
-    seeds = [SELECT_SEED_BASE + i for i in range(cfg.select_episodes)]
-    vectors = np.stack([f.vector for f in finalists])
-    returns = evaluator.play(
-        np.repeat(vectors, len(seeds), axis=0), seeds * len(finalists), 0, cfg.check_steps
+    choice = select_mean(
+        evaluator, state.checked, cfg.select_top, cfg.select_episodes, cfg.check_steps
     )
-    scores = returns.returns.reshape(len(finalists), len(seeds))
-    winner = int(scores.mean(axis=1).argmax())
     state.elapsed += time.perf_counter() - started
-    return {
-        "generation": finalists[winner].generation,
-        "episodes": len(seeds),
-        "seeds": [seeds[0], seeds[-1]],
-        "finalists": [
-            {
-                "generation": f.generation,
-                "search": f.search,
-                "check_mean": f.check_mean,
-                "select_mean": float(score.mean()),
-                "select_std": float(score.std()),
-            }
-            for f, score in zip(finalists, scores)
-        ],
-        "vector": finalists[winner].vector,
-    }
+    return choice
 
 
 def _save_selection(folder: Path, choice: dict, agent: Agent, sources: dict) -> None:
@@ -362,7 +376,9 @@ def run(cfg: TrainControllerConfig) -> Path:
     cfg.validate()
     layout = RunDir(cfg.run_dir)
     folder = writable_dir(layout.controller)
-    if cfg.backend == "local":
+    if cfg.env == "dream":  # all torch: no env threads to leave cores for
+        use_all_threads()
+    elif cfg.backend == "local":
         use_acting_threads(cfg.device)
     agent = load_world_model(cfg.run_dir, cfg.device, cfg.z_only)
     sources = world_model_sources(cfg.run_dir)  # recorded with C: it acts only with this V and M
@@ -392,16 +408,7 @@ def run(cfg: TrainControllerConfig) -> Path:
     save_config(cfg, folder / "config.json")
     metrics = MetricsLog(folder, resume_after=state.generation or None, key="generation")
 
-    evaluator = make_evaluator(
-        cfg.backend,
-        agent,
-        EpisodeSettings(cfg.env, cfg.max_steps, lockstep=cfg.deterministic),
-        cfg.workers,
-        cfg.ray_address,
-        cfg.ray_chunks,
-        cfg.ray_cpus_per_task,
-        cfg.ray_timeout_min * 60,
-    )
+    evaluators = _make_evaluators(cfg, agent)
     if state.np_random is not None:  # pycma samples from numpy's global RNG: as it was saved
         np.random.set_state(state.np_random)
     bar = progress_bar(cfg.generations, "train-controller", unit="gen", initial=state.generation)
@@ -410,7 +417,7 @@ def run(cfg: TrainControllerConfig) -> Path:
             if _out_of_time(cfg, state):
                 log(f"train-controller: time budget of {cfg.time_budget_min} min reached")
                 break
-            row = _generation(cfg, state, evaluator)
+            row = _generation(cfg, state, evaluators)
             gen = state.generation
             leader = np.asarray(state.optimizers[state.leader()].mean)
             save_controller(folder, leader, agent, {**sources, "generation": gen})
@@ -435,11 +442,11 @@ def run(cfg: TrainControllerConfig) -> Path:
                 f"train-controller: final selection, {min(cfg.select_top, len(state.checked))} "
                 f"checked means × {cfg.select_episodes} fresh held-out tracks"
             )
-            _save_selection(folder, _select(cfg, state, evaluator), agent, sources)
+            _save_selection(folder, _select(cfg, state, evaluators.selecting()), agent, sources)
             state.selected = True
             state.save(folder / ES_STATE)
     finally:
-        evaluator.close()
+        evaluators.close()
         bar.close()
         metrics.close()
     return folder

@@ -1,0 +1,86 @@
+"""The presets of `worldmodels run`, each stage's settings as an instance of its own config.
+
+A misspelt setting (`TrainVAEConfig(epoch=2)`) fails when the preset is built, and the preset
+test builds every one, so it fails in the test suite, not an hour into a run. A stage a preset
+does not name runs with its defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Preset:
+    configs: dict[str, Any]  # stage key -> that stage's config (run dir, force and seed set later)
+    # minutes each stage is expected to take on a 2-core CPU, for the "time left" estimate
+    expected_min: dict[str, float] = field(default_factory=dict)
+
+
+def presets() -> dict[str, Preset]:
+    from worldmodels.stages.collect import CollectConfig
+    from worldmodels.stages.dream import DreamConfig
+    from worldmodels.stages.evaluate import EvaluateConfig
+    from worldmodels.stages.train_controller import TrainControllerConfig
+    from worldmodels.stages.train_mdnrnn import TrainMDNRNNConfig
+    from worldmodels.stages.train_vae import TrainVAEConfig
+
+    smoke = Preset(
+        {
+            "collect": CollectConfig(episodes=6, max_steps=60, envs=6),
+            "vae": TrainVAEConfig(
+                epochs=1,
+                channels=(8, 16, 16, 32),
+                batch_size=32,
+                precision="fp32",
+                channels_last="off",
+            ),
+            "mdnrnn": TrainMDNRNNConfig(epochs=2, hidden=32, batch_size=4),
+            "dream": DreamConfig(steps=20, error_episodes=1, error_samples=2),
+            "controller": TrainControllerConfig(
+                generations=2,
+                population=4,
+                rollouts=1,
+                max_steps=60,
+                check_steps=60,
+                check_every=1,
+                check_episodes=2,
+                select_top=2,
+                select_episodes=2,
+            ),
+            "evaluate": EvaluateConfig(episodes=2, max_steps=60, gif=1),
+        }
+    )
+    quick = Preset(
+        {
+            "collect": CollectConfig(episodes=200, max_steps=1000, policy="brownian"),
+            "vae": TrainVAEConfig(epochs=2),
+            "mdnrnn": TrainMDNRNNConfig(epochs=20),
+            "controller": TrainControllerConfig(
+                generations=1000, population=16, rollouts=2, time_budget_min=29.5
+            ),
+            "evaluate": EvaluateConfig(episodes=100),
+        },
+        expected_min={
+            "collect": 2,
+            "vae": 9.5,
+            "visualize": 0.2,
+            "encode": 1.2,
+            "mdnrnn": 1,
+            "dream": 0.2,
+            "controller": 30,
+            "evaluate": 5,
+            "report": 0.2,
+        },
+    )
+    full = Preset(
+        {
+            "collect": CollectConfig(episodes=10_000, max_steps=1000, policy="random"),
+            "vae": TrainVAEConfig(epochs=10),
+            "mdnrnn": TrainMDNRNNConfig(epochs=20),
+            "controller": TrainControllerConfig(generations=300, population=64, rollouts=16),
+            "evaluate": EvaluateConfig(episodes=100),
+        }
+    )
+    return {"smoke": smoke, "quick": quick, "full": full}
