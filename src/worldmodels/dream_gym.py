@@ -48,7 +48,12 @@ class _Dreams:
         temperature: float,
         max_steps: int,
         obs: str,
+        render_mode: str | None,
     ):
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        if render_mode and vae is None:
+            raise ValueError("render_mode='rgb_array' needs the VAE to decode frames")
         if obs not in OBS_KINDS:
             raise ValueError(f"obs must be one of {OBS_KINDS}, got {obs!r}")
         if obs == "pixels" and vae is None:
@@ -110,12 +115,8 @@ class DreamCarRacing(gym.Env):
         obs: str = "features",
         render_mode: str | None = None,
     ):
-        if render_mode not in (None, "rgb_array"):
-            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
-        if render_mode and vae is None:
-            raise ValueError("render_mode='rgb_array' needs the VAE to decode frames")
         self.render_mode = render_mode
-        self._dreams = _Dreams(mdnrnn, starts, 1, vae, temperature, max_steps, obs)
+        self._dreams = _Dreams(mdnrnn, starts, 1, vae, temperature, max_steps, obs, render_mode)
         self.observation_space = self._dreams.space
         self.action_space = spaces.Box(ACTION_LOW, ACTION_HIGH, dtype=np.float32)
 
@@ -156,7 +157,9 @@ class DreamVectorEnv(VectorEnv):
     ):
         self.num_envs = num_envs
         self.render_mode = render_mode
-        self._dreams = _Dreams(mdnrnn, starts, num_envs, vae, temperature, max_steps, obs)
+        self._dreams = _Dreams(
+            mdnrnn, starts, num_envs, vae, temperature, max_steps, obs, render_mode
+        )
         self.single_observation_space = self._dreams.space
         self.single_action_space = spaces.Box(ACTION_LOW, ACTION_HIGH, dtype=np.float32)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
