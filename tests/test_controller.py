@@ -21,7 +21,7 @@ from worldmodels.layout import RunDir
 from worldmodels.metrics import read_metrics
 from worldmodels.models import MDNRNN, ConvVAE, LinearController, controller_param_count
 from worldmodels.rollout import run_episodes
-from worldmodels.search import SearchState
+from worldmodels.search import SearchSettings, SearchState
 from worldmodels.stages import evaluate, train_controller
 
 VAE_ARCH = {"z_dim": 8, "channels": [4, 8, 8, 16]}
@@ -387,6 +387,24 @@ def test_diagonal_cma_learns_the_variances_faster(world_run):
         learned = np.sqrt(es.dC) * es.sigma_vec.scaling / stds0
         spread[diagonal] = learned[1:].mean() / learned[0]
     assert spread[True] > 1.02 and spread[True] - 1 > 5 * abs(spread[False] - 1)
+
+
+def test_mirrored_candidates_come_in_pairs_around_the_mean_and_resume_the_same(tmp_path):
+    """--mirrors: candidates 2k and 2k+1 are mean + d and mean - d, so both play the same tracks
+    and their shared track luck cancels; the JSON state replays them exactly."""
+    settings = SearchSettings(np.ones(12), 0.1, 8, False, 0, mirrors=True)
+    state = SearchState.new(settings)
+    for _ in range(2):
+        [asked] = state.ask()
+        mean = state.means()[0][1]
+        np.testing.assert_allclose(asked[0::2] - mean, mean - asked[1::2], atol=1e-12)
+        assert np.abs(asked[0::2] - mean).min() > 0
+        state.tell([asked], -np.sum(asked**2, axis=1))
+    state.save(tmp_path / "state.json")
+    [expected] = state.ask()
+    again = SearchState.load(settings, tmp_path / "state.json")
+    np.random.set_state(again.np_random)
+    np.testing.assert_array_equal(again.ask()[0], expected)
 
 
 def test_resume_with_other_search_settings_is_refused_and_keeps_the_state(world_run, capsys):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
+from helpers import tiny_search
 
 from worldmodels import make_dream_env
 from worldmodels.artifacts import load_controller, load_mdnrnn
@@ -18,6 +19,7 @@ from worldmodels.checkpoint import save_model
 from worldmodels.data.latents import first_latents
 from worldmodels.dream import DreamEvaluator
 from worldmodels.dream_gym import DreamCarRacing, DreamVectorEnv
+from worldmodels.errors import UserError
 from worldmodels.layout import RunDir
 from worldmodels.metrics import read_metrics
 from worldmodels.models import MDNRNN, ConvVAE, batched_controller_actions, controller_param_count
@@ -46,6 +48,21 @@ def dream_run(tiny_run, tmp_path_factory):
 def _controllers(count: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.normal(0, 0.5, (count, controller_param_count(Z + H))).astype(np.float32)
+
+
+def test_dreams_start_from_real_first_frames_spread_over_the_episodes(dream_run, tmp_path):
+    """At most `limit` starts, spread evenly; only the files read are checked, so a damaged
+    latents file elsewhere does not stop a dream (encode heals it when run)."""
+    folder = RunDir(dream_run).latents
+    every = first_latents(folder)
+    assert every.shape == (6, Z)
+    np.testing.assert_array_equal(first_latents(folder, limit=2), every[[0, 5]])
+    copy = tmp_path / "latents"
+    shutil.copytree(folder, copy)
+    (copy / "episode_000002.npz").write_bytes(b"damaged")
+    np.testing.assert_array_equal(first_latents(copy, limit=2), every[[0, 5]])
+    with pytest.raises(UserError, match="rerun `worldmodels encode`"):
+        first_latents(copy)
 
 
 def test_the_dream_env_passes_gymnasium_env_checker(dream_run):
@@ -145,20 +162,7 @@ def test_the_dream_evaluator_stops_hopeless_dreams_and_charges_them(dream_run):
 
 
 def _train(root, **kw):
-    settings = dict(
-        population=4,
-        rollouts=2,
-        max_steps=30,
-        check_steps=30,
-        check_every=1,
-        check_episodes=2,
-        select_top=2,
-        select_episodes=2,
-        early_stop=0,
-        force=True,
-    )
-    cfg = train_controller.TrainControllerConfig(run_dir=root, **{**settings, **kw})
-    return train_controller.run(cfg)
+    return train_controller.run(tiny_search(root, **{"early_stop": 0, "force": True, **kw}))
 
 
 def test_train_controller_in_the_dream_keeps_a_mean_checked_in_the_dream(dream_run):
@@ -182,8 +186,9 @@ def test_dream_then_real_checks_only_the_real_generations(dream_run):
     assert {f["generation"] for f in selection["finalists"]} <= {3, 4}
 
 
-def test_stable_baselines3_trains_inside_the_dream(dream_run):
+def test_stable_baselines3_trains_inside_the_dream(dream_run, tmp_path, monkeypatch):
     sb3 = pytest.importorskip("stable_baselines3")
+    monkeypatch.setenv("SB3_LOGDIR", str(tmp_path))  # else SB3 leaves a log folder in /tmp
     from stable_baselines3.common.monitor import Monitor
 
     env = Monitor(make_dream_env(dream_run, max_steps=64))

@@ -125,6 +125,30 @@ def test_a_retrained_v_makes_every_stage_downstream_start_over(smoke_run, tmp_pa
     assert main(["evaluate", "--run-dir", str(root), "--episodes", "1", "--max-steps", "5"]) == 0
 
 
+@pytest.mark.parametrize(
+    "stage, damaged",
+    [("collect", "data/episodes/episode_000002.npz"), ("vae", "vae/model.safetensors")],
+)
+def test_a_finished_stage_whose_output_was_damaged_runs_again_and_heals_it(
+    smoke_run, tmp_path, capsys, stage, damaged
+):
+    """run checks a finished stage's output before skipping it: a truncated episode is collected
+    again and a corrupt V is written again from its checkpoint, the same bytes as before, so
+    nothing downstream has to start over."""
+    root = tmp_path / "copy"
+    shutil.copytree(smoke_run, root)
+    path = root / damaged
+    original = path.read_bytes()
+    path.write_bytes(original[: len(original) // 2])
+    capsys.readouterr()
+    assert _run(root, "--controller.generations", "3") == 0
+    err = capsys.readouterr().err
+    assert err.count("its output is damaged") == 1
+    assert f"{dict(collect='collect', vae='train-vae')[stage]}: its output is damaged" in err
+    assert path.read_bytes() == original
+    assert err.count("already done, skipped") == len(STAGES) - 2  # all but it and the report
+
+
 def test_kill_9_mid_run_then_rerun_finishes_without_redoing_stages(tmp_path):
     env = dict(os.environ, WORLDMODELS_PROGRESS="0")
     cmd = [

@@ -92,6 +92,7 @@ BAD_INPUTS = [
     (["train-controller", "--population", "1"], "--population"),
     (["train-controller", "--max-steps", "0"], "--max-steps"),
     (["train-controller", "--sigma0", "0"], "--sigma0"),
+    (["train-controller", "--mirrors", "--population", "15"], "--mirrors"),
     (["train-controller", "--ray-chunks", "-1"], "--ray-chunks"),
     (["train-controller", "--ray-timeout-min", "0"], "--ray-timeout-min"),
     (["train-controller", "--select-top", "-1"], "--select-top"),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_search
 
 from worldmodels.checkpoint import save_model
 from worldmodels.data import read_manifest
@@ -60,21 +61,7 @@ def _mdnrnn(root: Path, n: int):
 
 
 def _controller(root: Path, n: int):
-    train_controller.run(
-        train_controller.TrainControllerConfig(
-            run_dir=root,
-            generations=n,
-            population=4,
-            rollouts=2,
-            max_steps=30,
-            check_steps=30,
-            check_every=1,
-            check_episodes=2,
-            select_top=2,
-            select_episodes=2,
-            deterministic=True,
-        )
-    )
+    train_controller.run(tiny_search(root, generations=n, deterministic=True))
 
 
 CASES = {

@@ -317,3 +317,20 @@ def test_early_stop_counts_epochs_without_improvement():
         )
     assert state["best_epoch"] == 2 and state["bad_epochs"] == 2
     assert state["best_row"]["val_sse"] == 200.0
+
+
+def test_the_pictures_show_the_car_on_the_road_from_many_episodes():
+    """Exploration data is mostly grass: the grid picks frames with road around the car, one
+    per episode while episodes last, and only falls back to grass when road frames run out."""
+    grass = np.zeros((64, 64, 3), np.uint8)
+    grass[...] = (102, 204, 102)
+    road = grass.copy()
+    road[viz.CAR_WINDOW] = (105, 105, 105)
+    frames = np.stack([grass] * 12 + [road] * 6)
+    episodes = np.array([0] * 6 + [1] * 6 + [0, 0, 1, 1, 2, 2])
+    np.testing.assert_allclose(viz.road_around_car(frames), [0] * 12 + [1] * 6)
+    generator = torch.Generator().manual_seed(0)
+    picks = viz.pick_frames(frames, episodes, 3, generator)
+    assert all(p >= 12 for p in picks) and sorted(episodes[picks]) == [0, 1, 2]
+    picks = viz.pick_frames(frames, episodes, 8, generator)
+    assert len(set(picks)) == 8 and sum(p >= 12 for p in picks) == 6

@@ -189,7 +189,7 @@ def agent_root(agent: Path | None, pretrained: bool) -> Path | None:
                 "(install from a clone of the repository, or pass --agent PATH)"
             )
         return PRETRAINED
-    if agent is None or str(agent) in ("", "."):
+    if agent is None:
         return None
     if not (Path(agent) / AGENT_META).exists():
         raise UserError(

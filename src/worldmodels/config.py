@@ -32,6 +32,12 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _given_type(ftype: Any) -> Any:
+    """The type a flag parses: `Path | None` (None = "not given") parses as a Path."""
+    args = [a for a in typing.get_args(ftype) if a is not type(None)]
+    return args[0] if len(args) == 1 and len(typing.get_args(ftype)) == 2 else ftype
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -64,16 +70,16 @@ def add_config_arguments(
     for field in dataclasses.fields(cls):
         if field.name in skip:
             continue
-        ftype = types[field.name]
+        ftype = _given_type(types[field.name])
         parse = _PARSERS.get(ftype)
-        if parse is None:
-            continue
+        if parse is None:  # a programming error: a field the CLI cannot set must not vanish
+            raise TypeError(f"{cls.__name__}.{field.name}: no flag parser for {ftype}")
         flag = "--" + prefix + field.name.replace("_", "-")  # e.g. --vae.epochs
         default = field.default
         help_text = field.metadata.get("help", "")
-        help_text += (
-            f" (default: {','.join(map(str, default)) if isinstance(default, tuple) else default})"
-        )
+        if default is not None:  # a None default is explained by the help text itself
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            help_text += f" (default: {shown})"
         kwargs: dict[str, Any] = {
             "dest": prefix + field.name,
             "type": parse,
@@ -122,8 +128,10 @@ def from_jsonable(cls: type[T], data: dict[str, Any]) -> T:
         raise UserError(f"unknown config keys for {cls.__name__}: {sorted(unknown)}")
     values = {}
     for name, value in data.items():
-        ftype = types[name]
-        if dataclasses.is_dataclass(ftype):
+        ftype = _given_type(types[name])
+        if value is None:
+            values[name] = None
+        elif dataclasses.is_dataclass(ftype):
             values[name] = from_jsonable(ftype, value)
         elif ftype is Path:
             values[name] = Path(value)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from worldmodels.evaluators import Played
+from worldmodels.evaluators import Evaluator, Played
 from worldmodels.models import MDNRNN, ConvVAE, batched_controller_actions, sample_next_z
 from worldmodels.rollout import TIME_PENALTY
 
@@ -166,7 +166,7 @@ def dream_rollout(
     )
 
 
-class DreamEvaluator:
+class DreamEvaluator(Evaluator):
     """Episodes dreamed by M instead of played: M's reward head is the reward, its episode-end
     head (above `done_threshold`) ends the episode, and thousands of dreams step as one batch.
 
@@ -201,23 +201,15 @@ class DreamEvaluator:
         return tuple(torch.stack(x).to(device) for x in (starts, ends, normals))
 
     @torch.inference_mode()
-    def play(
-        self,
-        params: np.ndarray,
-        seeds: list[int],
-        early_stop: int = 0,
-        max_steps: int | None = None,
-    ) -> Played:
-        """Dreamed returns of `params[i]` from seed `seeds[i]`; `early_stop` stops a dream after
-        that many steps without a positive predicted reward and charges it as `run_episodes`
-        does."""
-        steps = max_steps or self.max_steps
+    def _play(self, params: np.ndarray, seeds: list[int], early_stop: int, steps: int) -> Played:
+        """`early_stop` stops a dream after that many steps without a positive predicted reward
+        and charges it as `run_episodes` does."""
         distinct = sorted(set(seeds))
         dream = self.dream
         device = dream.device
         row = torch.as_tensor([distinct.index(s) for s in seeds], device=device)
         starts, uniforms, normals = self._noise(distinct, steps)
-        batch = torch.as_tensor(np.asarray(params), dtype=torch.float32, device=device)
+        batch = torch.as_tensor(params, dtype=torch.float32, device=device)
         dream.reset(starts[row])
         n = len(seeds)
         returns = torch.zeros(n, dtype=torch.float64, device=device)
@@ -248,6 +240,3 @@ class DreamEvaluator:
                 if not len(ids):
                     break
         return Played(returns.cpu().numpy(), played, np.zeros(n, dtype=bool))
-
-    def close(self) -> None:
-        pass

@@ -42,15 +42,11 @@ class EpisodeSettings:
     lockstep: bool = False  # all slots step together: reproducible batches (see make_env)
 
 
-class LocalEvaluator:
-    """All episodes as one batch in one env pool in this process (the default)."""
+class Evaluator:
+    """What every evaluator answers: the return of controller `params[i]` on track (or dream)
+    `seeds[i]`, for every i. Subclasses play in `_play`."""
 
-    def __init__(self, agent: Agent, settings: EpisodeSettings, workers: int = 0):
-        self.agent = agent
-        self.settings = settings
-        self.workers = default_workers(workers)
-        # by (batch size, step limit): gymnasium workers are slow to start
-        self._envs: dict[tuple[int, int], BatchedEnv] = {}
+    max_steps: int  # the step limit of an episode unless `play` is given another
 
     def play(
         self,
@@ -59,9 +55,30 @@ class LocalEvaluator:
         early_stop: int = 0,
         max_steps: int | None = None,
     ) -> Played:
-        """Returns of `params[i]` on track `seeds[i]`; `early_stop` as in `run_episodes`;
-        `max_steps` overrides the settings' step limit (checks play whole episodes)."""
-        key = (len(seeds), max_steps or self.settings.max_steps)
+        """`early_stop` as in `run_episodes`; `max_steps` overrides the step limit (checks play
+        whole episodes whatever the training length)."""
+        return self._play(np.asarray(params), list(seeds), early_stop, max_steps or self.max_steps)
+
+    def _play(self, params: np.ndarray, seeds: list[int], early_stop: int, steps: int) -> Played:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Let go of what the evaluator holds open (env pools); nothing by default."""
+
+
+class LocalEvaluator(Evaluator):
+    """All episodes as one batch in one env pool in this process (the default)."""
+
+    def __init__(self, agent: Agent, settings: EpisodeSettings, workers: int = 0):
+        self.agent = agent
+        self.settings = settings
+        self.max_steps = settings.max_steps
+        self.workers = default_workers(workers)
+        # by (batch size, step limit): gymnasium workers are slow to start
+        self._envs: dict[tuple[int, int], BatchedEnv] = {}
+
+    def _play(self, params: np.ndarray, seeds: list[int], early_stop: int, steps: int) -> Played:
+        key = (len(seeds), steps)
         if key not in self._envs:
             if len(self._envs) >= KEPT_ENVS:  # e.g. --max-rollouts grew the training batch
                 self._envs.pop(next(iter(self._envs))).close()
@@ -69,7 +86,7 @@ class LocalEvaluator:
                 self.settings.env, key[0], key[1], self.workers, self.settings.lockstep
             )
         self._envs[key] = self._envs.pop(key)  # most recently used last
-        batch = torch.as_tensor(np.asarray(params), dtype=torch.float32)
+        batch = torch.as_tensor(params, dtype=torch.float32)
         result = run_episodes(self._envs[key], self.agent, batch, seeds, early_stop=early_stop)
         return Played(result.returns, result.env_steps, result.laps)
 
@@ -120,12 +137,13 @@ def play_chunk(
     return played.returns, played.env_steps, played.laps
 
 
-class RayEvaluator:
+class RayEvaluator(Evaluator):
     """Chunks of the batch as Ray tasks, on a local Ray instance or a cluster (`address`).
 
     V and M go to the object store once; each task gets `cpus_per_task` CPUs and uses them all
     for its env pool and its torch threads. A task whose worker dies is retried up to
-    `max_retries` times, so a killed worker costs time but not the generation.
+    `max_retries` times, so a killed worker costs time but not the generation. Closing it
+    leaves Ray up: the Ray instance belongs to the process (or the cluster).
     """
 
     def __init__(
@@ -154,6 +172,7 @@ class RayEvaluator:
                     "--ray-address (empty starts a local Ray) or use --backend local"
                 ) from None
         self.settings = settings
+        self.max_steps = settings.max_steps
         self.timeout_s = timeout_s
         self.chunks = chunks or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus_per_task)
         self._key = uuid.uuid4().hex
@@ -168,16 +187,9 @@ class RayEvaluator:
         )
         self._task = ray.remote(num_cpus=cpus_per_task, max_retries=max_retries)(play_chunk)
 
-    def play(
-        self,
-        params: np.ndarray,
-        seeds: list[int],
-        early_stop: int = 0,
-        max_steps: int | None = None,
-    ) -> Played:
+    def _play(self, params: np.ndarray, seeds: list[int], early_stop: int, steps: int) -> Played:
         import ray
 
-        params = np.asarray(params)
         bounds = np.linspace(0, len(seeds), min(self.chunks, len(seeds)) + 1).astype(int)
         futures = [
             self._task.remote(
@@ -185,9 +197,9 @@ class RayEvaluator:
                 self._world_model,
                 self.settings,
                 params[a:b],
-                list(seeds[a:b]),
+                seeds[a:b],
                 early_stop,
-                max_steps,
+                steps,
             )
             for a, b in zip(bounds[:-1], bounds[1:])
         ]
@@ -203,9 +215,6 @@ class RayEvaluator:
         returns = np.concatenate([part[0] for part in parts])
         laps = np.concatenate([part[2] for part in parts])
         return Played(returns, int(sum(part[1] for part in parts)), laps)
-
-    def close(self) -> None:
-        pass  # the Ray instance belongs to the process (or the cluster), not to one evaluator
 
 
 def _unreachable(address: str, timeout_s: float = 10.0) -> str | None:
@@ -241,7 +250,7 @@ def make_evaluator(
     ray_chunks: int = 0,
     ray_cpus_per_task: int = 1,
     ray_timeout_s: float = 1800.0,
-) -> LocalEvaluator | RayEvaluator:
+) -> Evaluator:
     if backend == "local":
         return LocalEvaluator(agent, settings, workers)
     if backend == "ray":

@@ -2,7 +2,10 @@
 
 collect → train-vae → visualize-vae → encode → train-mdnrnn → dream → train-controller →
 evaluate → report. Each stage resumes from its own checkpoints; `run.json` records the stages
-that finished (with the config they ran with), so a rerun after a kill skips them outright.
+that finished (with the config they ran with and a checksum of their inputs), so a rerun after
+a kill skips them, once their outputs are checked: a finished stage whose inputs changed starts
+over, and one whose output was damaged since (a truncated episode, a corrupt model) runs again
+and heals it from its own files.
 Any stage setting can be overridden: `--vae.epochs 3`, `--controller.population 32`, ...
 """
 
@@ -10,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from worldmodels.io import atomic_write_text
 from worldmodels.layout import run_lock, writable_dir
 from worldmodels.presets import presets
 from worldmodels.progress import log
+from worldmodels.provenance import fingerprint, output_problem
 from worldmodels.seeds import COLLECT_TRACKS_PER_RUN_SEED
 
 
@@ -40,7 +43,7 @@ class RunConfig:
         "settings for every stage: smoke (~2 min), quick (≤60 min on 2 CPU cores), full (paper scale, GPU/cluster)",
         ("smoke", "quick", "full"),
     )
-    run_dir: Path = option(Path(""), "run directory (default: runs/<preset>)")
+    run_dir: Path | None = option(None, "run directory (default: runs/<preset>)")
     seed: int = option(
         0,
         "run seed: every stage's randomness (collection tracks start at seed*10000; V, M, dream "
@@ -48,6 +51,9 @@ class RunConfig:
         "--<stage>.seed overrides it",
     )
     force: bool = option(False, "redo every stage from scratch")
+
+    def root(self) -> Path:
+        return self.run_dir if self.run_dir is not None else Path("runs") / self.preset
 
 
 @dataclass(frozen=True)
@@ -188,7 +194,7 @@ def stage_config(stage: Stage, cfg: RunConfig, args: argparse.Namespace | None) 
     --force, then the stage's own flags (`--vae.epochs 3`) over all of that."""
     preset = presets()[cfg.preset].configs.get(stage.key) or stage.config()
     fields = {f.name for f in dataclasses.fields(stage.config)}
-    changes: dict[str, Any] = {"run_dir": cfg.run_dir}
+    changes: dict[str, Any] = {"run_dir": cfg.root()}
     if "force" in fields and cfg.force:
         changes["force"] = True
     if stage.key in SEEDED_BY_RUN and "seed" in fields:
@@ -204,29 +210,6 @@ def _load_record(path: Path) -> dict:
         return {}
 
 
-def _vouches(path: Path) -> bytes:
-    """What a file says about the data, not its bytes: a manifest's (index, sha256) pairs in
-    index order (collect rewrites it sorted), a model.json's weights checksum."""
-    if not path.exists():
-        return b"-"
-    text = path.read_text()
-    try:
-        if path.name.endswith(".jsonl"):
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            return json.dumps(sorted((r["index"], r["sha256"]) for r in rows)).encode()
-        return str(json.loads(text)["sha256"]).encode()
-    except (ValueError, KeyError, TypeError):
-        return text.encode()
-
-
-def fingerprint(root: Path, files: tuple[str, ...]) -> str:
-    """One sha256 over what vouches for a stage's inputs ("" for a stage with none)."""
-    digest = hashlib.sha256()
-    for name in files:
-        digest.update(name.encode() + b"\0" + _vouches(root / name))
-    return digest.hexdigest() if files else ""
-
-
 def _clock(seconds: float) -> str:
     return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
@@ -234,8 +217,7 @@ def _clock(seconds: float) -> str:
 def run_pipeline(cfg: RunConfig, args: argparse.Namespace | None = None) -> Path:
     if cfg.preset not in presets():
         raise UserError(f"unknown preset {cfg.preset!r}: choose one of {', '.join(presets())}")
-    if str(cfg.run_dir) in ("", "."):
-        cfg = dataclasses.replace(cfg, run_dir=Path("runs") / cfg.preset)
+    cfg = dataclasses.replace(cfg, run_dir=cfg.root())
     root = writable_dir(cfg.run_dir)
     with run_lock(root, "run"):
         _run_plan(cfg, root, args)
@@ -272,10 +254,15 @@ def _run_plan(cfg: RunConfig, root: Path, args: argparse.Namespace | None) -> No
         eta = f", about {left:.0f} min left" if left else ""
         inputs = fingerprint(root, stage.inputs)
         stale = done.get("done") and done.get("inputs", inputs) != inputs
-        finished = stage.output and (root / stage.output).exists()
-        if done.get("done") and done.get("config") == settings and not stale and finished:
+        same = done.get("done") and done.get("config") == settings and not stale
+        damage = stage.output and output_problem(root / stage.output) if same else None
+        if same and stage.output and not damage:
             log(f"[{k}/{len(plan)}] {stage.command}: already done, skipped")
             continue
+        if damage:
+            log(
+                f"[{k}/{len(plan)}] {stage.command}: its output is damaged ({damage}): running again"
+            )
         if stale:
             log(
                 f"[{k}/{len(plan)}] {stage.command}: its inputs changed since it ran: starting over"

@@ -17,6 +17,7 @@ from worldmodels.errors import UserError
 from worldmodels.io import atomic_write_text
 from worldmodels.layout import RunDir
 from worldmodels.metrics import read_metrics
+from worldmodels.viz import new_figure, save_figure
 
 REFERENCE = {
     "vae_sse": 19.5,
@@ -48,17 +49,12 @@ def _fmt(value, digits: int = 1) -> str:
 
 def _plot_curves(layout: RunDir, out: Path) -> Path | None:
     """Three panels: VAE losses, MDN-RNN losses, CMA-ES best/mean per generation (+σ)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     vae = read_metrics(layout.vae / "metrics.jsonl")
     mdn = read_metrics(layout.mdnrnn / "metrics.jsonl")
     ctrl = read_metrics(layout.controller / "metrics.jsonl")
     if not (vae or mdn or ctrl):
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = new_figure(1, 3, (15, 4))
     _panel(axes[0], vae, "epoch", ["train_sse", "val_sse"], "V: summed squared error / image")
     _panel(axes[1], mdn, "epoch", ["train_nll", "val_nll"], "M: NLL per latent dim")
     ax = axes[2]
@@ -79,10 +75,7 @@ def _plot_curves(layout: RunDir, out: Path) -> Path | None:
         twin = ax.twinx()
         twin.plot(gens, [r["sigma"] for r in ctrl], color="grey", alpha=0.4)
         twin.set_ylabel("σ", color="grey")
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def _panel(ax, rows: list[dict], x: str, keys: list[str], title: str) -> None:

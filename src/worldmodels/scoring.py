@@ -9,21 +9,48 @@ best single candidate, ranked on a couple of noisy tracks, scored far worse in c
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from worldmodels.agent import Agent
-from worldmodels.evaluators import LocalEvaluator, Played, RayEvaluator
+from worldmodels.evaluators import Evaluator, Played
 from worldmodels.models import controller_param_count
 from worldmodels.search import Checked
 from worldmodels.seeds import first
-
-Evaluator = LocalEvaluator | RayEvaluator
 
 TRAIN_SEED_BASE = first("train")  # tracks for training: generation g plays base + g*rollouts + r
 EXTRA_TRAIN_SEED_BASE = first("train_extra")  # its tracks beyond --rollouts (--max-rollouts)
 CHECK_SEED_BASE = first("check")  # fixed held-out tracks for the periodic check of the mean
 SELECT_SEED_BASE = first("select")  # fresh held-out tracks for the final choice among means
+
+
+@dataclass
+class Venues:
+    """Where each generation plays: in the dream for the first `dream_generations` (all of them
+    with --env dream), in the real env after. Checks and the selection play where training
+    ends, so a dream-then-real run keeps only means checked on real tracks."""
+
+    real: Evaluator | None
+    dream: Evaluator | None
+    dream_generations: int
+
+    def training(self, generation: int) -> Evaluator:
+        in_dream = self.real is None or generation <= self.dream_generations
+        return self.dream if in_dream else self.real
+
+    def checking(self, generation: int) -> Evaluator | None:
+        if self.real is not None and generation <= self.dream_generations:
+            return None
+        return self.training(generation)
+
+    def selecting(self) -> Evaluator:
+        return self.real or self.dream
+
+    def close(self) -> None:
+        for evaluator in (self.real, self.dream):
+            if evaluator is not None:
+                evaluator.close()
 
 
 def initial_stds(agent: Agent, h_sigma_scale: float) -> np.ndarray:

@@ -35,6 +35,7 @@ class SearchSettings:
     diagonal: bool  # separable CMA-ES
     seed: int
     searches: int = 1
+    mirrors: bool = False  # candidates in pairs mean ± d (pycma's unconditional mirroring)
 
 
 def _new_optimizer(settings: SearchSettings, index: int):
@@ -47,6 +48,8 @@ def _new_optimizer(settings: SearchSettings, index: int):
         "CMA_diagonal": settings.diagonal,
         "verbose": -9,
     }
+    if settings.mirrors:
+        options.update(CMA_mirrors=settings.population // 2, CMA_mirrormethod=0)
     return cma.CMAEvolutionStrategy(np.zeros(len(settings.stds)), settings.sigma0, options)
 
 

@@ -1,4 +1,5 @@
-"""Pictures people would rather look at than read: GIFs and frame strips."""
+"""Pictures people would rather look at than read: the one place GIFs, PNGs and plots are
+written (atomically: a kill never leaves half a picture)."""
 
 from __future__ import annotations
 
@@ -23,5 +24,35 @@ def save_gif(path: Path, frames: Sequence[np.ndarray], fps: int = 25, scale: int
     images = [upscale(np.asarray(f, dtype=np.uint8), scale) for f in frames]
     buffer = io.BytesIO()
     iio.imwrite(buffer, np.stack(images), extension=".gif", duration=1000 / fps, loop=0)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+def save_png(path: Path, image: np.ndarray) -> Path:
+    """Write an (H,W,3) uint8 image as a PNG atomically."""
+    import imageio.v3 as iio
+
+    atomic_write_bytes(Path(path), iio.imwrite("<bytes>", image, extension=".png"))
+    return Path(path)
+
+
+def new_figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (6, 3.5)):
+    """A matplotlib figure and its axes, drawn off-screen (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, cols, figsize=size)
+
+
+def save_figure(fig, path: Path, dpi: int = 90) -> Path:
+    """Write a figure as a PNG atomically and free it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
     atomic_write_bytes(Path(path), buffer.getvalue())
     return Path(path)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from worldmodels.io import atomic_write_bytes
+
+T = TypeVar("T")
 
 
 class InvalidEpisode(ValueError):
@@ -102,22 +105,19 @@ def write_episode(path: Path, ep: Episode, compress_level: int = 1) -> str:
     return sha256_bytes(data)
 
 
+def read_record(path: Path, cls: type[T]) -> T:
+    """A dataclass from the .npz of its fields, never unpickled (a shared file must not run
+    code): 0-d arrays become Python scalars; a field an older file lacks keeps its default."""
+    scalar = {f.name: "ndarray" not in str(f.type) for f in fields(cls)}
+    with np.load(path, allow_pickle=False) as data:
+        values = {k: data[k] for k in data.files if k in scalar}
+    return cls(**{k: v.item() if scalar[k] and v.ndim == 0 else v for k, v in values.items()})
+
+
 def load_episode(path: Path) -> Episode:
     """Load and check one episode; any defect is an `InvalidEpisode`, never a crash later."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            ep = Episode(
-                obs=data["obs"],
-                actions=data["actions"],
-                rewards=data["rewards"],
-                terminated=bool(data["terminated"]),
-                truncated=bool(data["truncated"]),
-                seed=int(data["seed"]),
-                env=str(data["env"]),
-                crop=bool(data["crop"]) if "crop" in data.files else True,
-            )
-    except InvalidEpisode:
-        raise
+        ep = read_record(path, Episode)
     except Exception as err:  # zipfile.BadZipFile, KeyError, EOFError, ValueError, OSError...
         raise InvalidEpisode(f"unreadable ({type(err).__name__}: {err})") from None
     check_episode(ep)

@@ -13,12 +13,13 @@ import numpy as np
 import torch
 
 from worldmodels.data.dataset import prefetch
-from worldmodels.data.episodes import sha256_bytes
+from worldmodels.data.episodes import read_record, sha256_bytes
 from worldmodels.data.manifest import ManifestEntry, read_manifest, validate_entries
 from worldmodels.errors import MissingStageError, UserError
 from worldmodels.io import atomic_write_bytes
 
 VAE_SOURCE = "vae.json"  # which VAE weights (sha256) the latents in a folder came from
+MAX_STARTS = 1000  # dream starts: plenty of variety, and a 10k-episode run is not read whole
 
 
 @dataclass
@@ -62,16 +63,7 @@ def write_latents(path: Path, ep: LatentEpisode) -> str:
 def load_latents(path: Path) -> LatentEpisode:
     """Load one latents file; a damaged one is a `UserError` that says how to repair it."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            ep = LatentEpisode(
-                mu=data["mu"],
-                logvar=data["logvar"],
-                actions=data["actions"],
-                rewards=data["rewards"],
-                terminated=bool(data["terminated"]),
-                truncated=bool(data["truncated"]),
-                seed=int(data["seed"]),
-            )
+        ep = read_record(path, LatentEpisode)
     except Exception as err:
         raise UserError(f"{path} is unreadable ({err}): rerun `worldmodels encode`") from None
     if ep.mu.shape != ep.logvar.shape or len(ep.mu) != ep.steps + 1:
@@ -79,11 +71,14 @@ def load_latents(path: Path) -> LatentEpisode:
     return ep
 
 
-def open_latents(folder: Path) -> list[ManifestEntry]:
-    """The verified latents of a run; missing or damaged ones say to run `encode`."""
+def open_latents(folder: Path, limit: int | None = None) -> list[ManifestEntry]:
+    """The verified latents of a run (with `limit`, that many spread evenly over them: only
+    those are checked); missing or damaged ones say to run `encode`."""
     entries = read_manifest(folder)
     if not entries:
         raise MissingStageError(f"encoded latents in {folder}", "encode")
+    if limit is not None and len(entries) > limit:
+        entries = [entries[i] for i in np.linspace(0, len(entries) - 1, limit).astype(int)]
     valid, problems = validate_entries(folder, entries)
     if problems:
         raise UserError(
@@ -93,10 +88,10 @@ def open_latents(folder: Path) -> list[ManifestEntry]:
     return valid
 
 
-def first_latents(folder: Path) -> np.ndarray:
-    """The latent (mu) of every encoded episode's first frame (N, Z): where real episodes
-    start, so dreams that start there begin where the controller will."""
-    return np.stack([load_latents(folder / e.file).mu[0] for e in open_latents(folder)])
+def first_latents(folder: Path, limit: int = MAX_STARTS) -> np.ndarray:
+    """The latent (mu) of the first frame of (at most `limit`) encoded episodes (N, Z): where
+    real episodes start, so dreams that start there begin where the controller will."""
+    return np.stack([load_latents(folder / e.file).mu[0] for e in open_latents(folder, limit)])
 
 
 # --- M's batches: whole episodes, padded, cut into truncated-BPTT windows ------------------

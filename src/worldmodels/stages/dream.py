@@ -17,7 +17,6 @@ the GIF shows what the agent saw next to what its M imagined.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from functools import partial
@@ -43,7 +42,7 @@ from worldmodels.dream import DreamEnv, dream_rollout
 from worldmodels.envs import make_env
 from worldmodels.envs.preprocess import preprocess_frames
 from worldmodels.errors import UserError
-from worldmodels.io import atomic_write_bytes, atomic_write_text
+from worldmodels.io import atomic_write_text
 from worldmodels.layout import RunDir, writable_dir
 from worldmodels.models import MDNRNN, ConvVAE
 from worldmodels.policies import BrownianPolicy
@@ -51,6 +50,7 @@ from worldmodels.progress import log
 from worldmodels.rollout import Recorder, run_episodes
 from worldmodels.runtime import pick_device
 from worldmodels.seeds import first
+from worldmodels.viz import new_figure, save_figure, save_gif
 
 DREAM_POLICIES = ("real", "random")
 
@@ -73,10 +73,10 @@ class DreamConfig:
     scale: int = option(4, "upscale factor of the 64x64 frames in the GIF")
     fps: int = option(15, "GIF frames per second")
     seed: int = option(0, "seed of the dream sampling (and of the random policy)")
-    out: Path = option(Path(""), "output folder (default: <run-dir>/dream)")
+    out: Path | None = option(None, "output folder (default: <run-dir>/dream)")
     device: str = option("cpu", "torch device: auto, cpu or cuda")
-    agent: Path = option(
-        Path(""),
+    agent: Path | None = option(
+        None,
         "an exported agent folder: it drives official tracks and the dream follows its actions "
         "(no run dir needed)",
     )
@@ -120,19 +120,8 @@ def side_by_side(real: np.ndarray, dream: np.ndarray, scale: int, tau: float) ->
     return np.stack(out)
 
 
-def gif_bytes(frames: np.ndarray, fps: int) -> bytes:
-    import imageio.v3 as iio
-
-    return iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0)
-
-
-def plot_bytes(curves: dict[str, np.ndarray], title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+def plot_errors(curves: dict[str, np.ndarray], title: str, path: Path) -> None:
+    fig, ax = new_figure()
     for label, values in curves.items():
         ax.plot(np.arange(len(values)), values, label=label)
     ax.set_xlabel("horizon t (steps after the real start frame)")
@@ -140,11 +129,7 @@ def plot_bytes(curves: dict[str, np.ndarray], title: str) -> bytes:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+    save_figure(fig, path, dpi=120)
 
 
 # --- dreams -----------------------------------------------------------------------------------
@@ -265,7 +250,7 @@ def run(cfg: DreamConfig) -> Path:
         shown, error_episodes = episodes[0], episodes
         default_out = RunDir(results_dir(cfg.run_dir, root)).dream
         source = f"track {cfg.track}, the agent's"
-    out = writable_dir(cfg.out if str(cfg.out) not in ("", ".") else default_out)
+    out = writable_dir(cfg.out if cfg.out is not None else default_out)
     save_config(cfg, out / "config.json")
     device = pick_device(cfg.device)
     model, vae = model.to(device), vae.to(device)
@@ -284,17 +269,13 @@ def run(cfg: DreamConfig) -> Path:
     dreamed = env.decode(traj.z[0])
     last = len(frames) - 1
     held = frames[np.minimum(np.arange(steps + 1), last)]  # hold the last real frame
-    atomic_write_bytes(
-        out / "dream.gif",
-        gif_bytes(side_by_side(held, dreamed, cfg.scale, cfg.temperature), cfg.fps),
-    )
+    save_gif(out / "dream.gif", side_by_side(held, dreamed, cfg.scale, cfg.temperature), cfg.fps)
 
     curves = latent_error(env, error_episodes, cfg.steps, cfg.error_samples)
     kind = "held-out episodes" if root is None else "tracks driven by the agent"
     title = f"dream vs encoded real, {len(error_episodes)} {kind} × {cfg.error_samples}, τ={cfg.temperature:g}"
     labels = {"dream": "dream (M, real actions)", "no_change": "no change (z_t = μ_0)"}
-    plot = plot_bytes({labels[k]: v for k, v in curves.items()}, title)
-    atomic_write_bytes(out / "latent_error.png", plot)
+    plot_errors({labels[k]: v for k, v in curves.items()}, title, out / "latent_error.png")
     summary = {
         "source": source,
         "policy": cfg.policy,

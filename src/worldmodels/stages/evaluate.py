@@ -70,8 +70,8 @@ class EvaluateConfig:
         "(0 = skip; needs a run dir with encoded latents)",
     )
     device: str = option("cpu", "torch device for V and M")
-    agent: Path = option(
-        Path(""),
+    agent: Path | None = option(
+        None,
         "an exported agent folder (`worldmodels export`) to evaluate instead of the run dir's "
         "models; results go to --run-dir (default: runs/<agent folder name>)",
     )

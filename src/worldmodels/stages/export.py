@@ -19,18 +19,18 @@ from worldmodels.progress import log
 @dataclass
 class ExportConfig:
     run_dir: Path = option(Path("runs/default"), "run directory with trained V, M and C")
-    out: Path = option(Path(""), "folder to write the agent into (created if missing)")
+    out: Path | None = option(None, "folder to write the agent into (created if missing)")
     controller: str = option(
         "mean", "which controller: the kept CMA-ES mean or the best candidate", ("mean", "best")
     )
     half: bool = option(True, "store V and M in float16 (half the size; cast back on load)")
 
     def written_dir(self) -> Path | None:
-        return None if str(self.out) in ("", ".") else self.out
+        return self.out
 
 
 def run(cfg: ExportConfig) -> Path:
-    if str(cfg.out) in ("", "."):
+    if cfg.out is None:
         raise UserError("--out is required: the folder to write the agent into")
     out = export_agent(cfg.run_dir, cfg.out, cfg.controller, cfg.half)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

@@ -30,8 +30,10 @@ class PlayConfig:
     max_steps: int = option(MAX_EPISODE_STEPS, "step limit per episode")
     fps: int = option(50, "frames per second to show (0 = as fast as possible)")
     controller: str = option("mean", "which controller to drive with", ("mean", "best"))
-    screenshot: Path = option(Path(""), "save the last window picture to this PNG (e.g. for docs)")
-    agent: Path = option(Path(""), "drive an exported agent folder (`worldmodels export`)")
+    screenshot: Path | None = option(
+        None, "save the last window picture to this PNG (e.g. for docs)"
+    )
+    agent: Path | None = option(None, "drive an exported agent folder (`worldmodels export`)")
     pretrained: bool = option(False, "drive the agent this repository ships (pretrained/)")
 
     def written_dir(self) -> None:
@@ -112,7 +114,7 @@ def run(cfg: PlayConfig) -> None:
                 log(f"play: seed {seed}: return {result.returns[0]:.1f} in {result.steps[0]} steps")
                 if window.closed:
                     break
-        if str(cfg.screenshot) not in ("", "."):
+        if cfg.screenshot is not None:
             window.save(cfg.screenshot)
     finally:
         window.close()

@@ -39,6 +39,7 @@ from worldmodels.scoring import (
     SELECT_SEED_BASE,
     TRAIN_SEED_BASE,
     Evaluator,
+    Venues,
     check_mean,
     evaluate_candidates,
     initial_stds,
@@ -59,6 +60,7 @@ _IDENTITY = (
     "max_rollouts",
     "sigma0",
     "diagonal",
+    "mirrors",
     "h_sigma_scale",
     "max_steps",
     "early_stop",
@@ -102,6 +104,11 @@ class TrainControllerConfig:
         False,
         "separable CMA-ES: learn a diagonal covariance (its learning rate is ~n/3 times the full "
         "one's, which at n=867 barely moves in 100 generations)",
+    )
+    mirrors: bool = option(
+        False,
+        "mirrored sampling: candidates come in pairs mean ± d on the same tracks, so the track "
+        "luck both share cancels in the mean's update (needs an even --population)",
     )
     h_sigma_scale: float = option(0.1, "initial std of the weights on h relative to those on z")
     max_steps: int = option(
@@ -180,6 +187,8 @@ class TrainControllerConfig:
             raise UserError(f"--max-steps and --check-steps must be in 1..{MAX_EPISODE_STEPS}")
         if self.sigma0 <= 0:
             raise UserError("--sigma0 must be > 0")
+        if self.mirrors and self.population % 2:
+            raise UserError("--mirrors pairs the candidates: give an even --population")
         if self.ray_chunks < 0 or self.ray_cpus_per_task < 1 or self.ray_timeout_min <= 0:
             raise UserError(
                 "need --ray-chunks >= 0, --ray-cpus-per-task >= 1 and --ray-timeout-min > 0"
@@ -224,7 +233,9 @@ class TrainControllerConfig:
 
 def _settings(cfg: TrainControllerConfig, agent: Agent) -> SearchSettings:
     stds = initial_stds(agent, cfg.h_sigma_scale)
-    return SearchSettings(stds, cfg.sigma0, cfg.population, cfg.diagonal, cfg.seed, cfg.searches)
+    return SearchSettings(
+        stds, cfg.sigma0, cfg.population, cfg.diagonal, cfg.seed, cfg.searches, cfg.mirrors
+    )
 
 
 def _load_state(cfg: TrainControllerConfig, agent: Agent, folder: Path) -> SearchState | None:
@@ -238,35 +249,7 @@ def _load_state(cfg: TrainControllerConfig, agent: Agent, folder: Path) -> Searc
     return None
 
 
-@dataclass
-class _Evaluators:
-    """Where each generation plays: in the dream for the first `dream_generations` (all of them
-    with --env dream), in the real env after. Checks and the selection play where training
-    ends, so a dream-then-real run keeps only means checked on real tracks."""
-
-    real: Evaluator | None
-    dream: DreamEvaluator | None
-    dream_generations: int
-
-    def training(self, generation: int) -> Evaluator | DreamEvaluator:
-        in_dream = self.real is None or generation <= self.dream_generations
-        return self.dream if in_dream else self.real
-
-    def checking(self, generation: int) -> Evaluator | DreamEvaluator | None:
-        if self.real is not None and generation <= self.dream_generations:
-            return None
-        return self.training(generation)
-
-    def selecting(self) -> Evaluator | DreamEvaluator:
-        return self.real or self.dream
-
-    def close(self) -> None:
-        for evaluator in (self.real, self.dream):
-            if evaluator is not None:
-                evaluator.close()
-
-
-def _make_evaluators(cfg: TrainControllerConfig, agent: Agent) -> _Evaluators:
+def _make_venues(cfg: TrainControllerConfig, agent: Agent) -> Venues:
     dream = None
     if cfg.env == "dream" or cfg.dream_generations:
         starts = first_latents(RunDir(cfg.run_dir).latents)
@@ -285,7 +268,7 @@ def _make_evaluators(cfg: TrainControllerConfig, agent: Agent) -> _Evaluators:
             cfg.ray_cpus_per_task,
             cfg.ray_timeout_min * 60,
         )
-    return _Evaluators(real, dream, cfg.dream_generations)
+    return Venues(real, dream, cfg.dream_generations)
 
 
 def _out_of_time(cfg: TrainControllerConfig, state: SearchState) -> bool:
@@ -299,7 +282,7 @@ def _out_of_time(cfg: TrainControllerConfig, state: SearchState) -> bool:
 def _generation(
     cfg: TrainControllerConfig,
     state: SearchState,
-    evaluators: _Evaluators,
+    venues: Venues,
 ) -> dict:
     """One CMA-ES step of every running search (ask, play all populations at once on the same
     tracks, tell), then the periodic check of each search's mean; the metrics row."""
@@ -310,7 +293,7 @@ def _generation(
     rollouts = rollouts_at(state.sigma(), cfg.sigma0, cfg.rollouts, cfg.max_rollouts)
     seeds = training_tracks(gen, rollouts, cfg.rollouts, cfg.max_rollouts)
     fitness, played = evaluate_candidates(
-        evaluators.training(gen), candidates, seeds, cfg.early_stop, cfg.lap_bonus
+        venues.training(gen), candidates, seeds, cfg.early_stop, cfg.lap_bonus
     )
     state.tell(asked, fitness)
     wall = time.perf_counter() - started
@@ -328,7 +311,7 @@ def _generation(
         "steps_per_s": played.env_steps / wall,
         "seconds": wall,
     }
-    checker = evaluators.checking(gen)
+    checker = venues.checking(gen)
     if checker and cfg.check_every and (gen % cfg.check_every == 0 or gen == cfg.generations):
         check_started = time.perf_counter()
         for k, mean in state.means():
@@ -346,9 +329,7 @@ def _generation(
     return row
 
 
-def _select(
-    cfg: TrainControllerConfig, state: SearchState, evaluator: Evaluator | DreamEvaluator
-) -> dict:
+def _select(cfg: TrainControllerConfig, state: SearchState, evaluator: Evaluator) -> dict:
     started = time.perf_counter()
     choice = select_mean(
         evaluator, state.checked, cfg.select_top, cfg.select_episodes, cfg.check_steps
@@ -408,7 +389,7 @@ def run(cfg: TrainControllerConfig) -> Path:
     save_config(cfg, folder / "config.json")
     metrics = MetricsLog(folder, resume_after=state.generation or None, key="generation")
 
-    evaluators = _make_evaluators(cfg, agent)
+    venues = _make_venues(cfg, agent)
     if state.np_random is not None:  # pycma samples from numpy's global RNG: as it was saved
         np.random.set_state(state.np_random)
     bar = progress_bar(cfg.generations, "train-controller", unit="gen", initial=state.generation)
@@ -417,7 +398,7 @@ def run(cfg: TrainControllerConfig) -> Path:
             if _out_of_time(cfg, state):
                 log(f"train-controller: time budget of {cfg.time_budget_min} min reached")
                 break
-            row = _generation(cfg, state, evaluators)
+            row = _generation(cfg, state, venues)
             gen = state.generation
             leader = np.asarray(state.optimizers[state.leader()].mean)
             save_controller(folder, leader, agent, {**sources, "generation": gen})
@@ -442,11 +423,11 @@ def run(cfg: TrainControllerConfig) -> Path:
                 f"train-controller: final selection, {min(cfg.select_top, len(state.checked))} "
                 f"checked means × {cfg.select_episodes} fresh held-out tracks"
             )
-            _save_selection(folder, _select(cfg, state, evaluators.selecting()), agent, sources)
+            _save_selection(folder, _select(cfg, state, venues.selecting()), agent, sources)
             state.selected = True
             state.save(folder / ES_STATE)
     finally:
-        evaluators.close()
+        venues.close()
         bar.close()
         metrics.close()
     return folder

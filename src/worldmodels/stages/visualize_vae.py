@@ -2,8 +2,10 @@
 
 * `reconstructions.png`: held-out frames (row 1), their reconstructions from the posterior mean
   (row 2), and frames decoded from prior samples z ~ N(0, I) (row 3). Sharp row-2 images mean a
-  good autoencoder; road-like row-3 images mean the latent space is usable for dreaming.
-* `traversal.png`: one held-out frame, re-decoded while one latent dim at a time sweeps from
+  good autoencoder; road-like row-3 images mean the latent space is usable for dreaming. The
+  frames come from different episodes and, where there are such, show the car on the road:
+  exploration data is mostly grass, and grass is not what V is for.
+* `traversal.png`: one held-out frame of the car on the road, re-decoded while one latent dim at a time sweeps from
   -2 to +2 standard deviations around its value (the spread of that dim over held-out frames),
   for the dims the decoder uses most (the sweep that changes the picture most). The middle
   column is the unchanged reconstruction; each row is labelled with its dim and mean KL.
@@ -17,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
-import imageio.v3 as iio
 import numpy as np
 import torch
 
@@ -26,16 +27,19 @@ from worldmodels.config import option
 from worldmodels.data import load_episode, open_episodes, split_by_episode
 from worldmodels.data.dataset import VAE_VAL_FRACTION, saved_val_fraction
 from worldmodels.errors import UserError
-from worldmodels.io import atomic_write_bytes
 from worldmodels.layout import RunDir
 from worldmodels.models import ConvVAE, frames_to_tensor
 from worldmodels.progress import log
+from worldmodels.viz import save_png
 
 FRAME = 64
 GAP = 2  # pixels between tiles, before upscaling
 LABEL_WIDTH = 40  # left margin for row labels, before upscaling
 GAP_COLOUR = 32
 MAX_HELD_OUT_FRAMES = 512  # enough to rank latent dims; bounds memory on big data sets
+ZOOM_STEPS = 50  # CarRacing zooms in over its first second: those frames are skipped if possible
+CAR_WINDOW = (slice(46, 61), slice(26, 38))  # around the car, which sits still in every frame
+ON_ROAD = 0.5  # share of grey road pixels around the car for "on the road"
 
 
 @dataclass
@@ -53,19 +57,51 @@ class VisualizeVAEConfig:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
 
-def held_out_frames(run_dir: Path, limit: int = MAX_HELD_OUT_FRAMES) -> np.ndarray:
-    """Frames of the episodes train-vae held out (the same split), at most `limit` of them."""
+def held_out_frames(
+    run_dir: Path, limit: int = MAX_HELD_OUT_FRAMES
+) -> tuple[np.ndarray, np.ndarray]:
+    """At most `limit` frames, evenly spaced over every episode train-vae held out (the same
+    split), and the episode each came from."""
     layout = RunDir(run_dir)
     entries = open_episodes(layout.episodes)
     val_fraction = saved_val_fraction(layout.vae / "config.json", VAE_VAL_FRACTION)
     train, val = split_by_episode(entries, val_fraction)
-    frames, total = [], 0
-    for entry in val or train:  # no held-out episodes: show training frames rather than nothing
-        frames.append(load_episode(layout.episodes / entry.file).obs)
-        total += len(frames[-1])
-        if total >= limit:
-            break
-    return np.concatenate(frames)[:limit]
+    shown = (val or train)[:limit]  # no held-out episodes: training frames rather than nothing
+    per_episode = max(1, limit // len(shown))
+    frames, episodes = [], []
+    for k, entry in enumerate(shown):
+        obs = load_episode(layout.episodes / entry.file).obs
+        first = ZOOM_STEPS if len(obs) > 2 * ZOOM_STEPS else 0
+        picks = np.unique(np.linspace(first, len(obs) - 1, per_episode).round().astype(int))
+        frames.append(obs[picks])
+        episodes.append(np.full(len(picks), k))
+    return np.concatenate(frames)[:limit], np.concatenate(episodes)[:limit]
+
+
+def road_around_car(frames: np.ndarray) -> np.ndarray:
+    """Per frame, the share of grey road pixels around the car (road is grey, grass green)."""
+    window = frames[:, CAR_WINDOW[0], CAR_WINDOW[1]].astype(np.int16)
+    r, g, b = window[..., 0], window[..., 1], window[..., 2]
+    grey = (abs(r - g) < 12) & (abs(g - b) < 12) & (r > 70) & (r < 140)
+    return grey.mean(axis=(1, 2))
+
+
+def pick_frames(
+    frames: np.ndarray, episodes: np.ndarray, count: int, generator: torch.Generator
+) -> np.ndarray:
+    """Indices of `count` frames, the car on the road where possible, each from another
+    episode while episodes last; random otherwise."""
+    order = torch.randperm(len(frames), generator=generator).numpy()
+    on_road = road_around_car(frames[order]) >= ON_ROAD
+    order = np.concatenate([order[on_road], order[~on_road]])  # road first, random within
+    picked, seen = [], set()
+    for index in order:  # first pass: one per episode
+        if episodes[index] not in seen:
+            picked.append(index)
+            seen.add(episodes[index])
+    taken = set(picked)
+    picked += [i for i in order if i not in taken]
+    return np.sort(np.asarray(picked[:count], dtype=int))
 
 
 def to_images(x: torch.Tensor) -> np.ndarray:
@@ -101,15 +137,11 @@ def upscale_with_labels(canvas: np.ndarray, labels: list[list[str]], scale: int)
     return big
 
 
-def write_png(path: Path, image: np.ndarray) -> None:
-    atomic_write_bytes(path, iio.imwrite("<bytes>", image, extension=".png"))
-
-
 @torch.no_grad()
 def reconstruction_grid(
-    vae: ConvVAE, frames: np.ndarray, columns: int, scale: int, generator: torch.Generator
+    vae: ConvVAE, frames: np.ndarray, picks: np.ndarray, scale: int, generator: torch.Generator
 ) -> np.ndarray:
-    picks = np.sort(torch.randperm(len(frames), generator=generator)[:columns].numpy())
+    columns = len(picks)
     shown = frames[picks]
     mu, _ = vae.encode(frames_to_tensor(shown))
     recon = to_images(vae.decode(mu))
@@ -161,20 +193,20 @@ def run(cfg: VisualizeVAEConfig) -> Path:
     """Write reconstructions.png and traversal.png into `<run>/vae`; return that folder."""
     cfg.validate()
     vae = load_vae(cfg.run_dir)
-    frames = held_out_frames(cfg.run_dir)
+    frames, episodes = held_out_frames(cfg.run_dir)
     generator = torch.Generator().manual_seed(cfg.seed)
     out = RunDir(cfg.run_dir).vae
-    write_png(
-        out / "reconstructions.png",
-        reconstruction_grid(vae, frames, min(cfg.columns, len(frames)), cfg.scale, generator),
+    picks = pick_frames(frames, episodes, min(cfg.columns, len(frames)), generator)
+    save_png(
+        out / "reconstructions.png", reconstruction_grid(vae, frames, picks, cfg.scale, generator)
     )
-    frame_index = int(torch.randint(len(frames), (1,), generator=generator))
-    write_png(
+    frame_index = int(pick_frames(frames, episodes, 1, generator)[0])
+    save_png(
         out / "traversal.png",
         traversal_grid(vae, frames, frame_index, cfg.dims, cfg.steps, cfg.scale),
     )
     log(
         f"visualize-vae: wrote {out / 'reconstructions.png'} and {out / 'traversal.png'} "
-        f"({len(frames)} held-out frames)"
+        f"({len(frames)} held-out frames of {len(set(episodes.tolist()))} episodes)"
     )
     return out
