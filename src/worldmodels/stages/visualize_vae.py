@@ -6,7 +6,8 @@
   frames come from different episodes and, where there are such, show the car on the road:
   exploration data is mostly grass, and grass is not what V is for.
 * `traversal.png`: one held-out frame of the car on the road, re-decoded while one latent dim at a time sweeps from
-  -2 to +2 standard deviations around its value (the spread of that dim over held-out frames),
+  -3 to +3 around its value in the prior's units (z ~ N(0, I) is what M dreams in; a dim's
+  spread over real frames is well under 1, too little to see a change),
   for the dims the decoder uses most (the sweep that changes the picture most). The middle
   column is the unchanged reconstruction; each row is labelled with its dim and mean KL.
 
@@ -40,6 +41,7 @@ MAX_HELD_OUT_FRAMES = 512  # enough to rank latent dims; bounds memory on big da
 ZOOM_STEPS = 50  # CarRacing zooms in over its first second: those frames are skipped if possible
 CAR_WINDOW = (slice(46, 61), slice(26, 38))  # around the car, which sits still in every frame
 ON_ROAD = 0.5  # share of grey road pixels around the car for "on the road"
+SWEEP = 3.0  # a traversed dim moves this far either way, in the prior's units
 
 
 @dataclass
@@ -47,7 +49,7 @@ class VisualizeVAEConfig:
     run_dir: Path = option(Path("runs/default"), "run directory with a trained <run-dir>/vae")
     columns: int = option(8, "frames per row in reconstructions.png")
     dims: int = option(6, "latent dims to traverse (the most used ones)")
-    steps: int = option(7, "values per traversed dim, from -2 to +2 sigma (odd: centre = frame)")
+    steps: int = option(7, "values per traversed dim, from -3 to +3 (odd: centre = frame)")
     scale: int = option(2, "upscale factor of the written images")
     seed: int = option(0, "seed of the prior samples and of which held-out frames are shown")
 
@@ -154,19 +156,18 @@ def reconstruction_grid(
 def most_used_dims(
     vae: ConvVAE, mu: torch.Tensor, logvar: torch.Tensor, k: int
 ) -> list[tuple[int, float]]:
-    """(dim, mean KL) of the `k` dims whose +-2 sigma sweep changes the decoded frames most.
+    """(dim, mean KL) of the `k` dims whose +-SWEEP sweep changes the decoded frames most.
 
     KL alone is no guide to which dims matter: the free-bits floor keeps every dim near 0.5
     nat whether the decoder uses it or not. So each dim is swept on (up to) 64 frames and the
     mean absolute pixel change of the decoded images ranks it.
     """
-    spread = mu.std(dim=0) if len(mu) > 1 else torch.ones(vae.z_dim)
-    base = mu[:64]
+    base = mu[:: max(1, len(mu) // 64)][:64]
     effect = []
     for dim in range(vae.z_dim):
         low, high = base.clone(), base.clone()
-        low[:, dim] -= 2 * spread[dim]
-        high[:, dim] += 2 * spread[dim]
+        low[:, dim] -= SWEEP
+        high[:, dim] += SWEEP
         effect.append((vae.decode(high) - vae.decode(low)).abs().mean())
     kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).mean(dim=0)
     order = torch.argsort(torch.stack(effect), descending=True)[:k]
@@ -178,12 +179,11 @@ def traversal_grid(
     vae: ConvVAE, frames: np.ndarray, frame_index: int, dims: int, steps: int, scale: int
 ) -> np.ndarray:
     mu, logvar = vae.encode(frames_to_tensor(frames))
-    spread = mu.std(dim=0) if len(frames) > 1 else torch.ones(vae.z_dim)
-    offsets = torch.linspace(-2.0, 2.0, steps)
+    offsets = torch.linspace(-SWEEP, SWEEP, steps)
     rows, labels = [], []
     for dim, kl in most_used_dims(vae, mu, logvar, min(dims, vae.z_dim)):
         z = mu[frame_index].repeat(steps, 1)
-        z[:, dim] += offsets * spread[dim]
+        z[:, dim] += offsets
         rows.append(to_images(vae.decode(z)))
         labels.append([f"z{dim}", f"KL {kl:.2f}"])
     return upscale_with_labels(tile(rows), labels, scale)
