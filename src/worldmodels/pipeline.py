@@ -255,7 +255,7 @@ def _run_plan(cfg: RunConfig, root: Path, args: argparse.Namespace | None) -> No
         inputs = fingerprint(root, stage.inputs)
         stale = done.get("done") and done.get("inputs", inputs) != inputs
         same = done.get("done") and done.get("config") == settings and not stale
-        damage = stage.output and output_problem(root / stage.output) if same else None
+        damage = output_problem(root / stage.output) if same and stage.output else None
         if same and stage.output and not damage:
             log(f"[{k}/{len(plan)}] {stage.command}: already done, skipped")
             continue

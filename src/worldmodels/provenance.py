@@ -42,8 +42,10 @@ def output_problem(path: Path) -> str | None:
         return f"{path.name} is missing"
     if path.name == "manifest.jsonl":
         entries = read_manifest(path.parent)
+        if not entries:
+            return f"{path} lists nothing"
         _, problems = validate_entries(path.parent, entries)
-        return problems[0] if problems else None if entries else f"{path} lists nothing"
+        return problems[0] if problems else None
     if path.name == "model.json" and not model_is_intact(path.parent):
         return f"{path.parent.name}'s weights do not match their checksum"
     return None

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import typing
 import zipfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -108,7 +109,7 @@ def write_episode(path: Path, ep: Episode, compress_level: int = 1) -> str:
 def read_record(path: Path, cls: type[T]) -> T:
     """A dataclass from the .npz of its fields, never unpickled (a shared file must not run
     code): 0-d arrays become Python scalars; a field an older file lacks keeps its default."""
-    scalar = {f.name: "ndarray" not in str(f.type) for f in fields(cls)}
+    scalar = {name: kind is not np.ndarray for name, kind in typing.get_type_hints(cls).items()}
     with np.load(path, allow_pickle=False) as data:
         values = {k: data[k] for k in data.files if k in scalar}
     return cls(**{k: v.item() if scalar[k] and v.ndim == 0 else v for k, v in values.items()})

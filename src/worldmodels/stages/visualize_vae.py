@@ -5,10 +5,10 @@
   good autoencoder; road-like row-3 images mean the latent space is usable for dreaming. The
   frames come from different episodes and, where there are such, show the car on the road:
   exploration data is mostly grass, and grass is not what V is for.
-* `traversal.png`: one held-out frame of the car on the road, re-decoded while one latent dim at a time sweeps from
-  -3 to +3 around its value in the prior's units (z ~ N(0, I) is what M dreams in; a dim's
-  spread over real frames is well under 1, too little to see a change),
-  for the dims the decoder uses most (the sweep that changes the picture most). The middle
+* `traversal.png`: one held-out frame of the car on the road, re-decoded while one latent dim
+  at a time sweeps from -3 to +3 around its value in the prior's units (z ~ N(0, I) is what M
+  dreams in; a dim's spread over real frames is well under 1, too little to see a change), for
+  the dims the decoder uses most (the sweep that changes the picture most). The middle
   column is the unchanged reconstruction; each row is labelled with its dim and mean KL.
 
 Both are upscaled (nearest neighbour, `--scale`) so a person can see the 64x64 pixels.
@@ -38,6 +38,7 @@ GAP = 2  # pixels between tiles, before upscaling
 LABEL_WIDTH = 40  # left margin for row labels, before upscaling
 GAP_COLOUR = 32
 MAX_HELD_OUT_FRAMES = 512  # enough to rank latent dims; bounds memory on big data sets
+MAX_SHOWN_EPISODES = 32  # frames come from this many episodes at most: each is read whole
 ZOOM_STEPS = 50  # CarRacing zooms in over its first second: those frames are skipped if possible
 CAR_WINDOW = (slice(46, 61), slice(26, 38))  # around the car, which sits still in every frame
 ON_ROAD = 0.5  # share of grey road pixels around the car for "on the road"
@@ -62,13 +63,15 @@ class VisualizeVAEConfig:
 def held_out_frames(
     run_dir: Path, limit: int = MAX_HELD_OUT_FRAMES
 ) -> tuple[np.ndarray, np.ndarray]:
-    """At most `limit` frames, evenly spaced over every episode train-vae held out (the same
-    split), and the episode each came from."""
+    """At most `limit` frames, evenly spaced over the episodes train-vae held out (the same
+    split; at most MAX_SHOWN_EPISODES of them, spread evenly), and the episode each came from."""
     layout = RunDir(run_dir)
     entries = open_episodes(layout.episodes)
     val_fraction = saved_val_fraction(layout.vae / "config.json", VAE_VAL_FRACTION)
     train, val = split_by_episode(entries, val_fraction)
-    shown = (val or train)[:limit]  # no held-out episodes: training frames rather than nothing
+    pool = val or train  # no held-out episodes: training frames rather than nothing
+    count = min(len(pool), MAX_SHOWN_EPISODES, limit)
+    shown = [pool[i] for i in np.linspace(0, len(pool) - 1, count).round().astype(int)]
     per_episode = max(1, limit // len(shown))
     frames, episodes = [], []
     for k, entry in enumerate(shown):
