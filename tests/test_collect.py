@@ -11,10 +11,13 @@ import time
 import numpy as np
 import pytest
 
+from worldmodels.artifacts import load_acting_agent
 from worldmodels.cli import main
 from worldmodels.data import load_episode, open_episodes, read_manifest
+from worldmodels.envs import make_env
 from worldmodels.layout import RunDir
 from worldmodels.policies import road_heading
+from worldmodels.rollout import Recorder, run_episodes
 from worldmodels.stages import collect
 
 
@@ -117,6 +120,32 @@ def test_road_policy_covers_more_track_than_brownian(tmp_path):
             [e.total_reward for e in read_manifest(RunDir(cfg.run_dir).episodes)]
         )
     assert totals["road"] > totals["brownian"] + 50
+
+
+def test_a_trained_agent_collects_on_policy_episodes_the_same_in_any_wave(trained_run, tmp_path):
+    """--policy agent: the run's controller drives, its weights shifted by noise drawn from each
+    episode's seed, so an episode is the same whichever wave it ran in; with no noise every
+    episode is exactly the controller's own drive, and the noise changes the drives."""
+
+    def collected(root, **changes) -> list[np.ndarray]:
+        cfg = _cfg(root, policy="agent", agent=trained_run, episodes=4, max_steps=30, **changes)
+        collect.run(cfg)
+        folder = RunDir(root).episodes
+        return [load_episode(folder / e.file).actions for e in read_manifest(folder)]
+
+    together = collected(tmp_path / "four_at_once", envs=4)
+    alone = collected(tmp_path / "one_by_one", envs=1)
+    assert all(np.array_equal(a, b) for a, b in zip(together, alone, strict=True))
+    clean = collected(tmp_path / "no_noise", envs=4, agent_noise=0.0)
+    assert not any(np.array_equal(a, b) for a, b in zip(together, clean, strict=True))
+
+    agent, mean, _ = load_acting_agent(trained_run)
+    agent.one_at_a_time = True
+    env = make_env("envpool", 1, 30, 1)
+    recorder = Recorder(agent, 1, 30, lambda frames: frames[:, :1, :1])
+    run_episodes(env, recorder, mean[None], [0])  # track 0, as episode 0 played it
+    env.close()
+    assert np.array_equal(recorder.episode(0)[1], clean[0])
 
 
 @pytest.mark.parametrize(

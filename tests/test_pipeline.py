@@ -21,6 +21,7 @@ from worldmodels.data import open_episodes
 from worldmodels.data.latents import open_latents
 from worldmodels.layout import RunDir
 from worldmodels.metrics import read_metrics
+from worldmodels.provenance import input_sums, stale_stages
 
 pytestmark = pytest.mark.slow  # the whole pipeline, several times
 
@@ -123,6 +124,42 @@ def test_a_retrained_v_makes_every_stage_downstream_start_over(smoke_run, tmp_pa
     rows = read_metrics(RunDir(root).controller / "metrics.jsonl")
     assert [r["generation"] for r in rows] == [1, 2, 3]  # a new search, not a resumed one
     assert main(["evaluate", "--run-dir", str(root), "--episodes", "1", "--max-steps", "5"]) == 0
+
+
+def test_a_stage_run_on_its_own_records_its_inputs_and_run_brings_the_rest_up_to_date(
+    smoke_run, tmp_path, capsys
+):
+    """M retrained by hand (not through `run`) records what it ran on, as every stage does; the
+    stages after it now show results of the old M: the report says which, and `run` starts
+    exactly those over, keeping the hand-made M (its own record is up to date)."""
+    root = tmp_path / "copy"
+    shutil.copytree(smoke_run, root)
+    layout = RunDir(root)
+    recorded = json.loads((layout.mdnrnn / "inputs.json").read_text())
+    assert recorded == {"train-mdnrnn": input_sums(root, ["latents/manifest.jsonl"])}
+    assert set(json.loads((layout.vae / "inputs.json").read_text())) == {
+        "train-vae",
+        "visualize-vae",
+    }
+    assert stale_stages(root) == {}
+    m_flags = ["--epochs", "1", "--hidden", "32", "--batch-size", "4", "--seed", "5"]
+    assert main(["train-mdnrnn", "--run-dir", str(root), "--force", *m_flags]) == 0
+    hand_made = (layout.mdnrnn / "model.safetensors").read_bytes()
+    assert stale_stages(root) == {
+        "dream": ["mdnrnn/model.json"],
+        "train-controller": ["mdnrnn/model.json"],
+        "evaluate": ["mdnrnn/model.json"],
+    }
+    assert main(["report", "--run-dir", str(root)]) == 0
+    warning = next(x for x in (root / "report.md").read_text().splitlines() if "Out of date" in x)
+    assert "`train-controller` (since: mdnrnn/model.json)" in warning
+    capsys.readouterr()
+    assert _run(root, "--controller.generations", "3") == 0
+    err = capsys.readouterr().err
+    assert err.count("its inputs changed since it ran: starting over") == 3
+    assert "train-mdnrnn: already done, skipped" in err
+    assert (layout.mdnrnn / "model.safetensors").read_bytes() == hand_made
+    assert stale_stages(root) == {} and "Out of date" not in (root / "report.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import textwrap
 import pytest
 
 from worldmodels.cli import main
+from worldmodels.errors import UserError
 from worldmodels.layout import LOCK, run_lock
 
 HOLDER = textwrap.dedent(
@@ -75,6 +76,8 @@ BAD_INPUTS = [
     (["collect", "--compress-level", "10"], "--compress-level"),
     (["collect", "--seed", "99990", "--episodes", "20"], "leave the range kept for"),
     (["collect", "--episodes", "many"], "invalid int value"),
+    (["collect", "--policy", "agent"], "--policy agent needs --agent"),
+    (["collect", "--agent-noise", "-0.1"], "--agent-noise must be >= 0"),
     (["train-vae", "--epochs", "0"], "--epochs"),
     (["train-vae", "--channels", "8,16"], "--channels"),
     (["train-vae", "--val-fraction", "1"], "--val-fraction"),
@@ -134,6 +137,33 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv,
     assert len(err) == 1 and message in err[0], err
     assert "Traceback" not in captured.out + captured.err
     assert not run_dir.exists()
+
+
+def test_bounds_and_choices_declared_once_hold_for_configs_built_in_python_and_flags(capsys):
+    """A field's bounds and choices live in its `option(...)`: the same declaration refuses a
+    config built in Python (no argparse involved) and the flags of commands without a run dir."""
+    from worldmodels.bench import BenchConfig
+    from worldmodels.check import CheckConfig
+    from worldmodels.stages.dream import DreamConfig
+    from worldmodels.stages.train_controller import TrainControllerConfig
+    from worldmodels.stages.train_vae import TrainVAEConfig
+
+    refused = [
+        (TrainControllerConfig(population=1), r"--population must be >= 2, got 1"),
+        (TrainControllerConfig(max_steps=1001), r"--max-steps must be in 1\.\.1000, got 1001"),
+        (TrainControllerConfig(sigma0=0.0), r"--sigma0 must be > 0, got 0.0"),
+        (TrainVAEConfig(val_fraction=1.0), r"--val-fraction must be in \[0, 1\), got 1.0"),
+        (DreamConfig(policy="walk"), r"unknown --policy 'walk': choose one of real, random"),
+        (BenchConfig(envs=0), r"--envs must be >= 1, got 0"),
+        (CheckConfig(steps=0), r"--steps must be >= 1, got 0"),
+    ]
+    for cfg, message in refused:
+        with pytest.raises(UserError, match=message):
+            cfg.validate()
+    for argv in (["bench", "--envs", "0"], ["check", "--steps", "0"]):
+        assert _exit_code(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "must be >= 1, got 0" in err[0], err
 
 
 def _files(root) -> dict[str, str]:

@@ -15,6 +15,7 @@ import torch
 from worldmodels import cli, runtime, vae_speed
 from worldmodels.artifacts import load_vae
 from worldmodels.data import iterate_frame_batches, open_episodes, split_by_episode
+from worldmodels.data.dataset import first_frames
 from worldmodels.layout import RunDir
 from worldmodels.metrics import read_metrics
 from worldmodels.models import ConvVAE, frames_to_tensor
@@ -269,7 +270,7 @@ def test_visualize_writes_pictures_of_the_expected_size(trained, tmp_path, capsy
 def test_auto_speed_picks_a_measured_option_that_keeps_the_loss(trained):
     cfg = _cfg(trained, precision="auto", channels_last="auto")
     device = torch.device("cpu")
-    frames = tv.first_frames(RunDir(trained).episodes, open_episodes(RunDir(trained).episodes), 32)
+    frames = first_frames(RunDir(trained).episodes, open_episodes(RunDir(trained).episodes), 32)
     torch.manual_seed(0)
     speed, results = vae_speed.choose_speed(cfg, ConvVAE(8, (8, 16, 16, 32)), frames, device)
     assert list(results) == vae_speed.speed_candidates(cfg, device)

@@ -18,25 +18,28 @@ from pathlib import Path
 
 import numpy as np
 
-from worldmodels.config import option
+from worldmodels.config import Config, option
+from worldmodels.envs import MAX_EPISODE_STEPS
 from worldmodels.envs.gymnasium_backend import make_official_env
 from worldmodels.progress import log
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(Config):
     json: bool = option(False, "print only the JSON document (no progress lines)")
-    envpool_steps: int = option(20_000, "env steps for each envpool measurement")
-    gymnasium_steps: int = option(1_200, "env steps of the gymnasium collect measurement")
+    envpool_steps: int = option(20_000, "env steps for each envpool measurement", low=1)
+    gymnasium_steps: int = option(1_200, "env steps of the gymnasium collect measurement", low=1)
     eval_episodes: int = option(
-        100, "episodes of the agent on gymnasium, all at once as `evaluate` plays them"
+        100, "episodes of the agent on gymnasium, all at once as `evaluate` plays them", low=1
     )
     eval_steps: int = option(
         300,
         "steps per episode of bare gymnasium and of the agent on it, from reset (an episode is "
         "1000 steps; 300 keeps the bench short)",
+        low=1,
+        high=MAX_EPISODE_STEPS,
     )
-    envs: int = option(16, "env slots for envpool measurements")
+    envs: int = option(16, "env slots for envpool measurements", low=1)
     only: str = option("", "comma-separated measurement names to run (default: all)")
 
 

@@ -9,15 +9,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worldmodels.config import option
+from worldmodels.config import Config, option
 from worldmodels.envs import BACKENDS, make_env
 from worldmodels.envs.gymnasium_backend import ensure_headless_display
 from worldmodels.errors import UserError
 
 
 @dataclass
-class CheckConfig:
-    steps: int = option(300, "env steps to run on each backend")
+class CheckConfig(Config):
+    steps: int = option(300, "env steps to run on each backend", low=1)
     envs: str = option("envpool,gymnasium", "comma-separated backends to step")
 
 

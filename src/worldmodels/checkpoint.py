@@ -73,6 +73,17 @@ def model_is_intact(folder: Path) -> bool:
         return False
 
 
+def finished_model_meta(folder: Path, command: str) -> dict[str, Any] | None:
+    """The finished model's metadata, or None when there is none or it is damaged (then the
+    stage writes it again from its training checkpoint, and says so)."""
+    if not (Path(folder) / MODEL_META).exists():
+        return None
+    if not model_is_intact(folder):
+        log(f"{command}: the model in {folder} is damaged: writing it again from the checkpoint")
+        return None
+    return read_model_meta(folder, command)
+
+
 def load_model(folder: Path, build: Callable[..., nn.Module], command: str) -> nn.Module:
     """Rebuild a model with `build(**arch)` and load its verified weights (on the CPU)."""
     meta = read_model_meta(folder, command)

@@ -47,7 +47,7 @@ def _commands() -> list[Command]:
             check.CheckConfig,
             check.run,
         ),
-        *(Command(s.command, s.help, s.config, s.run) for s in pipeline.stages()),
+        *(Command(s.command, s.help, s.config, s.execute) for s in pipeline.stages()),
         Command(
             "play",
             "watch the agent drive live: real frame, V's reconstruction, return so far",

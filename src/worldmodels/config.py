@@ -20,12 +20,59 @@ from worldmodels.io import atomic_write_text
 T = TypeVar("T")
 
 
-def option(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A dataclass field with a help text (and optional choices) for the CLI."""
-    meta = {"help": help}
+def option(
+    default: Any,
+    help: str,
+    choices: tuple | None = None,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+) -> Any:
+    """A dataclass field with a help text for the CLI, and the values it takes: `choices`, or
+    bounds (`low` <= value <= `high`, `above` < value < `below`). `Config.validate` checks both, for a
+    config built in Python as for one built from flags."""
+    meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = choices
+    bounds = {"low": low, "high": high, "above": above, "below": below}
+    meta.update({k: v for k, v in bounds.items() if v is not None})
     return dataclasses.field(default=default, metadata=meta)
+
+
+def _bound_problem(field: dataclasses.Field, value: Any) -> str | None:
+    """One line saying how `value` breaks the field's declared bounds, or None."""
+    meta, flag = field.metadata, "--" + field.name.replace("_", "-")
+    if "choices" in meta and value not in meta["choices"]:
+        return f"unknown {flag} {value!r}: choose one of {', '.join(map(str, meta['choices']))}"
+    low, high, above, below = (meta.get(k) for k in ("low", "high", "above", "below"))
+    if low is not None and below is not None and not low <= value < below:
+        return f"{flag} must be in [{low}, {below}), got {value}"
+    if low is not None and high is not None and not low <= value <= high:
+        return f"{flag} must be in {low}..{high}, got {value}"
+    if low is not None and value < low:
+        return f"{flag} must be >= {low}, got {value}"
+    if high is not None and value > high:
+        return f"{flag} must be <= {high}, got {value}"
+    if above is not None and value <= above:
+        return f"{flag} must be > {above}, got {value}"
+    return None
+
+
+class Config:
+    """The base of every stage's config: `validate` checks each field's declared bounds, then
+    the rules between fields (`check`), so a bad number stops before anything is written."""
+
+    def validate(self) -> None:
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            problem = _bound_problem(field, getattr(self, field.name))
+            if problem:
+                raise UserError(problem)
+        self.check()
+
+    def check(self) -> None:
+        """Rules between fields (a stage overrides it); none by default."""
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -2,10 +2,10 @@
 
 collect → train-vae → visualize-vae → encode → train-mdnrnn → dream → train-controller →
 evaluate → report. Each stage resumes from its own checkpoints; `run.json` records the stages
-that finished (with the config they ran with and a checksum of their inputs), so a rerun after
-a kill skips them, once their outputs are checked: a finished stage whose inputs changed starts
-over, and one whose output was damaged since (a truncated episode, a corrupt model) runs again
-and heals it from its own files.
+that finished (with the config they ran with), so a rerun after a kill skips them, once their
+outputs are checked: a finished stage whose inputs changed since (its `inputs.json` says what it
+ran on) starts over, and one whose output was damaged since (a truncated episode, a corrupt
+model) runs again and heals it from its own files.
 Any stage setting can be overridden: `--vae.epochs 3`, `--controller.population 32`, ...
 """
 
@@ -32,7 +32,7 @@ from worldmodels.io import atomic_write_text
 from worldmodels.layout import run_lock, writable_dir
 from worldmodels.presets import presets
 from worldmodels.progress import log
-from worldmodels.provenance import fingerprint, output_problem
+from worldmodels.provenance import changed_inputs, input_sums, output_problem, record_inputs
 from worldmodels.seeds import COLLECT_TRACKS_PER_RUN_SEED
 
 
@@ -65,6 +65,22 @@ class Stage:
     inputs: tuple[str, ...] = ()  # files (relative to the run dir) that vouch for its inputs
     output: str = ""  # the file it finishes with: a finished stage missing it runs again
     help: str = ""  # its command's one-line help (the CLI's stage commands are these stages)
+
+    def execute(self, cfg: Any) -> Any:
+        """Run the stage, then record beside its output the inputs it ran on, so that `run`
+        and the report can tell, whoever started it, whether it is still up to date."""
+        sums = input_sums(cfg.run_dir, self.inputs)  # as they were when it started
+        result = self.run(cfg)
+        if self.inputs and self.output and _reads_and_writes_its_run_dir(cfg):
+            record_inputs(cfg.run_dir, self.output, self.command, sums)
+        return result
+
+
+def _reads_and_writes_its_run_dir(cfg: Any) -> bool:
+    """False for a stage pointed at an exported agent or writing elsewhere (`--agent`,
+    `--pretrained`, `--out`): the run dir's files are then not what it ran on or wrote."""
+    elsewhere = getattr(cfg, "agent", None), getattr(cfg, "out", None)
+    return elsewhere == (None, None) and not getattr(cfg, "pretrained", False)
 
 
 # What vouches for each stage's inputs: the manifests (one checksum per file) and the model.json
@@ -252,8 +268,7 @@ def _run_plan(cfg: RunConfig, root: Path, args: argparse.Namespace | None) -> No
         elapsed = time.perf_counter() - started
         left = sum(expected.get(s.key, 0) for s, _ in plan[k - 1 :])
         eta = f", about {left:.0f} min left" if left else ""
-        inputs = fingerprint(root, stage.inputs)
-        stale = done.get("done") and done.get("inputs", inputs) != inputs
+        stale = done.get("done") and bool(changed_inputs(root, stage.output, stage.command))
         same = done.get("done") and done.get("config") == settings and not stale
         damage = output_problem(root / stage.output) if same and stage.output else None
         if same and stage.output and not damage:
@@ -271,14 +286,9 @@ def _run_plan(cfg: RunConfig, root: Path, args: argparse.Namespace | None) -> No
                 stage_cfg = dataclasses.replace(stage_cfg, force=True)
         log(f"[{k}/{len(plan)}] {stage.command} (elapsed {_clock(elapsed)}{eta})")
         stage_started = time.perf_counter()
-        stage.run(stage_cfg)
+        stage.execute(stage_cfg)
         wall = time.perf_counter() - stage_started
-        record["stages"][stage.key] = {
-            "done": True,
-            "config": settings,
-            "inputs": inputs,
-            "wall_s": round(wall, 1),
-        }
+        record["stages"][stage.key] = {"done": True, "config": settings, "wall_s": round(wall, 1)}
         atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
     from worldmodels import report
 

@@ -1,6 +1,11 @@
-"""What vouches for a run dir's files: the checksums `run` compares to tell a stage whose
-inputs changed (it starts over) from one it may skip, and the check of a finished stage's
-output before it is skipped (damage found there makes the stage run again and heal it)."""
+"""What vouches for a run dir's files.
+
+Every stage, whether `run` calls it or a user does, records beside its output (`inputs.json`)
+a checksum of each input it ran on. Comparing those with the files as they are now tells a
+stage whose inputs changed since (`run` starts it over; the report warns) from one it may skip.
+A finished stage's output is checked too before it is skipped: damage found there makes the
+stage run again and heal it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from pathlib import Path
 
 from worldmodels.checkpoint import model_is_intact
 from worldmodels.data.manifest import read_manifest, validate_entries
+from worldmodels.io import atomic_write_text
 
 
 def vouches(path: Path) -> bytes:
@@ -27,12 +33,51 @@ def vouches(path: Path) -> bytes:
         return text.encode()
 
 
-def fingerprint(root: Path, files: tuple[str, ...]) -> str:
-    """One sha256 over what vouches for a stage's inputs ("" for a stage with none)."""
-    digest = hashlib.sha256()
-    for name in files:
-        digest.update(name.encode() + b"\0" + vouches(root / name))
-    return digest.hexdigest() if files else ""
+RECORD = "inputs.json"  # beside a stage's output: {command: {input file: checksum}}
+
+
+def input_sums(root: Path, files: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """The sha256 of what vouches for each input, by its path relative to the run dir."""
+    return {name: hashlib.sha256(vouches(root / name)).hexdigest() for name in files}
+
+
+def _records(folder: Path) -> dict[str, dict[str, str]]:
+    try:
+        records = json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+def record_inputs(root: Path, output: str, command: str, sums: dict[str, str]) -> None:
+    """Write what `command` ran on beside its output (one file holds every stage writing there)."""
+    folder = (root / output).parent
+    records = {**_records(folder), command: sums}
+    atomic_write_text(folder / RECORD, json.dumps(records, indent=2, sort_keys=True) + "\n")
+
+
+def changed_inputs(root: Path, output: str, command: str) -> list[str] | None:
+    """The inputs of `command` that changed since it wrote `output`; None without a record
+    (a run dir from before records were kept, or a stage never finished)."""
+    recorded = _records((root / output).parent).get(command)
+    return _changed(root, recorded) if isinstance(recorded, dict) else None
+
+
+def _changed(root: Path, recorded: dict[str, str]) -> list[str]:
+    now = input_sums(root, list(recorded))
+    return [name for name in recorded if recorded[name] != now[name]]
+
+
+def stale_stages(root: Path) -> dict[str, list[str]]:
+    """Every stage in the run dir whose recorded inputs changed since it ran, with those inputs:
+    its output no longer follows from the files upstream of it."""
+    stale = {}
+    for path in sorted(root.glob(f"**/{RECORD}")):
+        for command, recorded in _records(path.parent).items():
+            changed = _changed(root, recorded) if isinstance(recorded, dict) else []
+            if changed:
+                stale[command] = changed
+    return stale
 
 
 def output_problem(path: Path) -> str | None:

@@ -6,18 +6,18 @@ be mailed or attached. Missing parts (a stage not run yet) are reported as missi
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from worldmodels.config import option
 from worldmodels.errors import UserError
+from worldmodels.html_page import markdown_to_html
 from worldmodels.io import atomic_write_text
 from worldmodels.layout import RunDir
 from worldmodels.metrics import read_metrics
-from worldmodels.viz import new_figure, save_figure
+from worldmodels.provenance import stale_stages
+from worldmodels.viz import new_figure, plot_metrics, plot_search, save_figure
 
 REFERENCE = {
     "vae_sse": 19.5,
@@ -55,38 +55,11 @@ def _plot_curves(layout: RunDir, out: Path) -> Path | None:
     if not (vae or mdn or ctrl):
         return None
     fig, axes = new_figure(1, 3, (15, 4))
-    _panel(axes[0], vae, "epoch", ["train_sse", "val_sse"], "V: summed squared error / image")
-    _panel(axes[1], mdn, "epoch", ["train_nll", "val_nll"], "M: NLL per latent dim")
-    ax = axes[2]
-    if ctrl:
-        gens = [r["generation"] for r in ctrl]
-        ax.plot(gens, [r["best"] for r in ctrl], label="best candidate")
-        ax.plot(gens, [r["mean"] for r in ctrl], label="population mean")
-        checks = [(r["generation"], r["check_mean"]) for r in ctrl if "check_mean" in r]
-        if checks:
-            ax.plot(*zip(*checks), "o-", label="CMA-ES mean, held-out tracks")
-        kept = _json(layout.controller / "selection.json")
-        if kept and kept["generation"] in dict(checks):
-            gen = kept["generation"]
-            ax.plot([gen], [dict(checks)[gen]], "*", markersize=16, label="kept (final selection)")
-        ax.set_xlabel("generation")
-        ax.set_title("C: CMA-ES returns")
-        ax.legend(fontsize=8)
-        twin = ax.twinx()
-        twin.plot(gens, [r["sigma"] for r in ctrl], color="grey", alpha=0.4)
-        twin.set_ylabel("σ", color="grey")
+    plot_metrics(axes[0], vae, "epoch", ["train_sse", "val_sse"], "V: summed squared error / image")
+    plot_metrics(axes[1], mdn, "epoch", ["train_nll", "val_nll"], "M: NLL per latent dim")
+    kept = _json(layout.controller / "selection.json")
+    plot_search(axes[2], ctrl, kept["generation"] if kept else None)
     return save_figure(fig, out)
-
-
-def _panel(ax, rows: list[dict], x: str, keys: list[str], title: str) -> None:
-    ax.set_title(title)
-    for key in keys:
-        points = [(r[x], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=key)
-    ax.set_xlabel(x)
-    if rows:
-        ax.legend(fontsize=8)
 
 
 def collect_figures(layout: RunDir) -> dict:
@@ -243,10 +216,25 @@ def failure_analysis(fig: dict, worst: int = 5) -> str:
     return "\n".join(lines)
 
 
+def stale_warning(root: Path) -> list[str]:
+    """A stage whose inputs changed after it ran (say V retrained on its own) shows results
+    that no longer follow from the files upstream: say so before the tables."""
+    stale = stale_stages(root)
+    if not stale:
+        return []
+    which = "; ".join(f"`{cmd}` (since: {', '.join(files)})" for cmd, files in stale.items())
+    return [
+        f"**Out of date.** These stages ran on inputs that have changed since: {which}. "
+        "Rerun `worldmodels run` with the same settings to bring them up to date.",
+        "",
+    ]
+
+
 def build_markdown(layout: RunDir, fig: dict, images: dict[str, Path]) -> str:
     parts = [f"# World Models run: `{layout.root}`", ""]
     if fig["preset"]:
         parts += [f"Preset: `{fig['preset']}`.", ""]
+    parts += stale_warning(layout.root)
     parts += ["## Results", "", results_table(fig), ""]
     parts += ["## How the laps ended", "", failure_analysis(fig), ""]
     parts += ["## Wall time per stage", "", stage_table(fig["stages"], fig["rates"]), ""]
@@ -265,52 +253,6 @@ def build_markdown(layout: RunDir, fig: dict, images: dict[str, Path]) -> str:
             rel = images[key].relative_to(layout.root)
             parts += [f"### {caption}", "", f"![{caption}]({rel.as_posix()})", ""]
     return "\n".join(parts)
-
-
-def _data_uri(path: Path) -> str:
-    mime = "image/gif" if path.suffix == ".gif" else "image/png"
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
-
-
-def markdown_to_html(markdown: str, layout: RunDir) -> str:
-    """A tiny converter for the subset `build_markdown` writes: headings, tables, images."""
-    body, table = [], []
-
-    def flush_table() -> None:
-        if table:
-            rows = [r.strip("|").split("|") for r in table if not set(r) <= set("|-")]
-            cells = lambda r, tag: "".join(f"<{tag}>{_inline(c.strip())}</{tag}>" for c in r)  # noqa: E731
-            body.append("<table><tr>" + cells(rows[0], "th") + "</tr>")
-            body.extend("<tr>" + cells(r, "td") + "</tr>" for r in rows[1:])
-            body.append("</table>")
-            table.clear()
-
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush_table()
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
-        elif line.startswith("!["):
-            alt, src = line[2:].split("](")
-            body.append(
-                f'<img alt="{html.escape(alt)}" src="{_data_uri(layout.root / src.rstrip(")"))}">'
-            )
-        elif line:
-            body.append(f"<p>{_inline(line)}</p>")
-    flush_table()
-    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:100%}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>World Models report</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
-
-
-def _inline(text: str) -> str:
-    escaped = html.escape(text)
-    parts = escaped.split("**")
-    escaped = "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
-    parts = escaped.split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
 def find_images(layout: RunDir) -> dict[str, Path]:
@@ -339,5 +281,5 @@ def run(cfg: ReportConfig) -> Path:
         images = {"curves": curves, **images}
     markdown = build_markdown(layout, collect_figures(layout), images)
     atomic_write_text(layout.root / "report.md", markdown)
-    atomic_write_text(layout.root / "report.html", markdown_to_html(markdown, layout))
+    atomic_write_text(layout.root / "report.html", markdown_to_html(markdown, layout.root))
     return layout.root / "report.md"

@@ -33,7 +33,7 @@ def seed_everything(seed: int) -> None:
 
 def cpu_supports_fast_bf16() -> bool:
     """bf16 matmuls are only fast on CPUs with native bf16 (AVX512-BF16 or AMX); elsewhere
-    autocast to bf16 was measured 10–25× slower than fp32."""
+    autocast to bf16 runs many times slower than fp32."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -53,8 +53,8 @@ def use_acting_threads(device: torch.device | str = "cpu") -> None:
     """One torch thread for the stages that act in envs (train-controller, evaluate, play).
 
     V runs on small batches between env steps, and the env's own threads (envpool pools,
-    Gymnasium processes) need the cores: on 2 cores, population 64 on envpool ran 1,625-1,665
-    env steps/s with one torch thread against 1,544 with two."""
+    Gymnasium processes) need the cores: on 2 cores the agent in the loop ran more env steps
+    per second with one torch thread than with two (`make bench` measures it)."""
     if torch.device(device).type == "cpu":
         torch.set_num_threads(1)
 

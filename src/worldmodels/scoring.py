@@ -53,7 +53,10 @@ class Venues:
                 evaluator.close()
 
 
-def initial_stds(agent: Agent, h_sigma_scale: float) -> np.ndarray:
+H_SIGMA_SCALE = 0.1  # the default std of the weights on h, relative to those on z
+
+
+def initial_stds(agent: Agent, h_sigma_scale: float = H_SIGMA_SCALE) -> np.ndarray:
     """Per-parameter initial std: 1 for z-weights and biases, `h_sigma_scale` for h-weights.
 
     h has eight times z's dims; with one σ for all weights the h-term swamps the z-term and

@@ -56,3 +56,36 @@ def save_figure(fig, path: Path, dpi: int = 90) -> Path:
     plt.close(fig)
     atomic_write_bytes(Path(path), buffer.getvalue())
     return Path(path)
+
+
+def plot_metrics(ax, rows: list[dict], x: str, keys: list[str], title: str) -> None:
+    """One line per metric of a training log (rows of metrics.jsonl) against `x`."""
+    ax.set_title(title)
+    for key in keys:
+        points = [(r[x], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=key)
+    ax.set_xlabel(x)
+    if rows:
+        ax.legend(fontsize=8)
+
+
+def plot_search(ax, rows: list[dict], kept: int | None) -> None:
+    """A CMA-ES log: best and mean fitness per generation, the held-out checks of the mean
+    with the one the final selection kept starred, and σ on a second axis."""
+    if not rows:
+        return
+    gens = [r["generation"] for r in rows]
+    ax.plot(gens, [r["best"] for r in rows], label="best candidate")
+    ax.plot(gens, [r["mean"] for r in rows], label="population mean")
+    checks = {r["generation"]: r["check_mean"] for r in rows if "check_mean" in r}
+    if checks:
+        ax.plot(list(checks), list(checks.values()), "o-", label="CMA-ES mean, held-out tracks")
+    if kept in checks:
+        ax.plot([kept], [checks[kept]], "*", markersize=16, label="kept (final selection)")
+    ax.set_xlabel("generation")
+    ax.set_title("C: CMA-ES returns")
+    ax.legend(fontsize=8)
+    twin = ax.twinx()
+    twin.plot(gens, [r["sigma"] for r in rows], color="grey", alpha=0.4)
+    twin.set_ylabel("σ", color="grey")

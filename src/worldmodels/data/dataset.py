@@ -11,7 +11,7 @@ import json
 import queue
 import threading
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -160,3 +160,25 @@ def count_frames(entries: Sequence[ManifestEntry]) -> int:
 def iterate_episodes(folder: Path, entries: Sequence[ManifestEntry]) -> Iterator[Episode]:
     """Episodes in manifest order, loaded one ahead in the background."""
     return prefetch(load_in_order(folder, entries), depth=1)
+
+
+def first_frames(folder: Path, entries: list[ManifestEntry], n: int) -> np.ndarray:
+    """`n` real frames (repeated if the data set is smaller) for the speed measurement."""
+    frames = []
+    for entry in entries:
+        frames.append(load_episode(folder / entry.file).obs)
+        if sum(len(f) for f in frames) >= n:
+            break
+    return np.resize(np.concatenate(frames), (n, 64, 64, 3))
+
+
+def take_frames(batches: Iterable[np.ndarray], limit: int) -> Iterator[np.ndarray]:
+    """Yield batches until `limit` frames (0 = no limit), trimming the last one to fit."""
+    seen = 0
+    for batch in batches:
+        if limit:
+            batch = batch[: limit - seen]
+        if len(batch) == 0:
+            return
+        seen += len(batch)
+        yield batch

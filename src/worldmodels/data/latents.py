@@ -5,6 +5,7 @@ train-mdnrnn (through the batches below) and dream read them."""
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from worldmodels.data.dataset import prefetch
 from worldmodels.data.episodes import read_record, sha256_bytes
 from worldmodels.data.manifest import ManifestEntry, read_manifest, validate_entries
 from worldmodels.errors import MissingStageError, UserError
-from worldmodels.io import atomic_write_bytes
+from worldmodels.io import atomic_write_bytes, atomic_write_text
 
 VAE_SOURCE = "vae.json"  # which VAE weights (sha256) the latents in a folder came from
 MAX_STARTS = 1000  # dream starts: plenty of variety, and a 10k-episode run is not read whole
@@ -40,6 +41,18 @@ class LatentEpisode:
 
 
 # --- the latents files ------------------------------------------------------------------------
+
+
+def latents_source(folder: Path) -> str:
+    """The sha256 of the VAE weights the latents in `folder` came from ("" if unknown)."""
+    try:
+        return str(json.loads((folder / VAE_SOURCE).read_text()).get("vae_sha256", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def record_latents_source(folder: Path, vae_sha256: str) -> None:
+    atomic_write_text(folder / VAE_SOURCE, json.dumps({"vae_sha256": vae_sha256}) + "\n")
 
 
 def write_latents(path: Path, ep: LatentEpisode) -> str:

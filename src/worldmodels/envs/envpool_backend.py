@@ -1,4 +1,5 @@
-"""EnvPool's C++ CarRacing-v3: ~10× faster than Gymnasium's, for collection and training.
+"""EnvPool's C++ CarRacing-v3: many times faster than Gymnasium's (`make bench`), for
+collection and training.
 
 EnvPool seeds env i of a pool with `env_seed[i]` when the pool is built, so each `reset(seeds)`
 builds a fresh pool (about 20 ms): that is what gives explicit per-episode seeds. Only the slots
@@ -6,9 +7,9 @@ still playing are stepped, so finished episodes cost nothing.
 
 An even number of slots runs in EnvPool's own asynchronous mode: `recv` hands back whichever
 half of the slots finished stepping first, and EnvPool's C++ threads go on stepping the other
-half while Python resizes frames, runs V and M and picks actions. Measured on 2 cores, this
-kept collection at ~0.95× the bare env's speed, where stepping two pools from Python threads
-reached ~0.75× (a pool's thread waits for the GIL before it can hand its frames back).
+half while Python resizes frames, runs V and M and picks actions. This kept collection closer
+to the bare env's speed than stepping two pools from Python threads, where a pool's thread
+waits for the GIL before it can hand its frames back.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Gymnasium's official CarRacing-v3, the only backend whose scores we report.
 
-It is render-bound (~98 % of a step is Python drawing a 1000×800 frame), so its slots are spread
+It is render-bound (nearly all of a step is Python drawing a 1000×800 frame), so its slots are spread
 over worker processes; each worker owns a contiguous block of slots and steps only the ones still
 playing. `workers=0` keeps everything in this process (tests, debugging).
 

@@ -17,7 +17,7 @@ def preprocess_frames(frames: np.ndarray, crop: bool = True, size: int = FRAME_S
 
     The batch is laid side by side as one wide image and resized in one cv2 call: frame borders
     fall exactly on output pixel borders (96 → 64 columns is 3:2), so the result is bit-identical
-    to resizing frame by frame, and 1.6× faster for 64 frames (one call instead of 64).
+    to resizing frame by frame, and faster (one call instead of one per frame).
     """
     single = frames.ndim == 3
     batch = frames[None] if single else frames

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worldmodels.config import option, require_same_settings, save_config
+from worldmodels.artifacts import load_acting_agent
+from worldmodels.config import Config, option, require_same_settings, save_config
 from worldmodels.data.episodes import Episode, write_episode
 from worldmodels.data.manifest import (
     ManifestEntry,
@@ -40,55 +41,61 @@ from worldmodels.layout import RunDir, writable_dir
 from worldmodels.policies import POLICIES, PolicyActor, make_policy
 from worldmodels.progress import log, progress_bar
 from worldmodels.rollout import Recorder, run_episodes
+from worldmodels.runtime import use_acting_threads
+from worldmodels.scoring import initial_stds
 from worldmodels.seeds import require_within
 
 
 @dataclass
-class CollectConfig:
+class CollectConfig(Config):
     run_dir: Path = option(
         Path("runs/default"), "run directory; episodes go to <run-dir>/data/episodes"
     )
-    episodes: int = option(200, "number of episodes to end up with (episode i plays track seed+i)")
-    max_steps: int = option(1000, "steps per episode before truncation (at most 1000)")
+    episodes: int = option(
+        200, "number of episodes to end up with (episode i plays track seed+i)", low=0
+    )
+    max_steps: int = option(
+        1000, "steps per episode before truncation (at most 1000)", low=1, high=MAX_EPISODE_STEPS
+    )
     env: str = option(
         "envpool", "env backend: envpool (fast C++) or gymnasium (official)", BACKENDS
     )
     policy: str = option(
         "brownian",
-        "exploration policy: brownian (smooth random), random (i.i.d.) or road (a noisy road "
-        "follower: more road in the data, but it trained a worse controller in our runs)",
-        POLICIES,
+        "exploration policy: brownian (smooth random), random (i.i.d.), road (a noisy road "
+        "follower: more road in the data, but it trained a worse controller in our runs) or "
+        "agent (a trained controller drives, with --agent and --agent-noise: on-policy data, "
+        "for the paper's iterative round)",
+        (*POLICIES, "agent"),
+    )
+    agent: Path | None = option(
+        None,
+        "with --policy agent: the run dir (or exported agent folder) whose V, M and CMA-ES mean "
+        "drive",
+    )
+    agent_noise: float = option(
+        0.05,
+        "with --policy agent: std of the Gaussian noise on the controller's weights, drawn per "
+        "episode in CMA-ES's units (h weights get a tenth), so the data also shows the near "
+        "misses and recoveries of the controllers CMA-ES will try",
+        low=0,
     )
     seed: int = option(0, "track seed of episode 0")
-    envs: int = option(16, "env slots stepped together in one wave")
-    workers: int = option(0, "envpool threads or gymnasium processes (0 = one per CPU core)")
+    envs: int = option(16, "env slots stepped together in one wave", low=1)
+    workers: int = option(0, "envpool threads or gymnasium processes (0 = one per CPU core)", low=0)
     crop: bool = option(True, "crop the dashboard (keep the top 84 rows) before resizing to 64x64")
     compress_level: int = option(
-        1, "deflate level of episode files (0 = store, 1 = fast, 9 = small)"
+        1, "deflate level of episode files (0 = store, 1 = fast, 9 = small)", low=0, high=9
     )
 
-    def validate(self) -> None:
-        if self.episodes < 0:
-            raise UserError(f"--episodes must be >= 0, got {self.episodes}")
-        if not 1 <= self.max_steps <= MAX_EPISODE_STEPS:
-            raise UserError(f"--max-steps must be in 1..{MAX_EPISODE_STEPS}, got {self.max_steps}")
-        if self.envs < 1:
-            raise UserError(f"--envs must be >= 1, got {self.envs}")
-        if self.workers < 0:
-            raise UserError(f"--workers must be >= 0, got {self.workers}")
+    def check(self) -> None:
         require_within("collect", self.seed, self.episodes, "--seed/--episodes")
-        if self.env not in BACKENDS:
-            raise UserError(f"unknown --env {self.env!r}: choose one of {', '.join(BACKENDS)}")
-        if self.policy not in POLICIES:
-            raise UserError(
-                f"unknown --policy {self.policy!r}: choose one of {', '.join(POLICIES)}"
-            )
-        if not 0 <= self.compress_level <= 9:
-            raise UserError(f"--compress-level must be in 0..9, got {self.compress_level}")
+        if self.policy == "agent" and self.agent is None:
+            raise UserError("--policy agent needs --agent: the run dir whose controller drives")
 
 
 # Settings that define what the episodes *are*; the rest (how many, how fast) may change on resume.
-_DATA_IDENTITY = ("env", "policy", "seed", "max_steps", "crop")
+_DATA_IDENTITY = ("env", "policy", "seed", "max_steps", "crop", "agent", "agent_noise")
 
 
 def _check_same_data(cfg: CollectConfig, config_path: Path) -> None:
@@ -162,12 +169,33 @@ class _EpisodeWriter:
             raise self.error
 
 
-def _play_wave(env, cfg: CollectConfig, indices: list[int], writer: _EpisodeWriter, bar) -> None:
+class Driver:
+    """A trained agent as the collecting policy: each episode's controller is the CMA-ES mean
+    plus noise drawn from the episode's own seed, and V and M act one car at a time, so an
+    episode is the same whichever wave it runs in (like every other policy's)."""
+
+    def __init__(self, source: Path, noise: float):
+        self.agent, mean, _ = load_acting_agent(source)
+        self.agent.one_at_a_time = True
+        self.mean = mean.numpy().astype(np.float64)
+        self.scale = noise * initial_stds(self.agent)
+
+    def params(self, seeds: list[int]) -> torch.Tensor:
+        noise = [np.random.default_rng([s, 4]).standard_normal(len(self.mean)) for s in seeds]
+        return torch.as_tensor(self.mean + self.scale * np.stack(noise), dtype=torch.float32)
+
+
+def _play_wave(
+    env, cfg: CollectConfig, indices: list[int], writer: _EpisodeWriter, bar, driver: Driver | None
+) -> None:
     """Run one episode per slot through the one episode loop, recording frames and actions, and
     hand each episode to the writer as soon as it ends."""
     n = len(indices)
     seeds = [cfg.seed + i for i in indices]
-    actor = PolicyActor(make_policy(cfg.policy, seeds))
+    if driver is None:
+        actor, params = PolicyActor(make_policy(cfg.policy, seeds)), torch.zeros(n, 0)
+    else:
+        actor, params = driver.agent, driver.params(seeds)
     recorder = Recorder(actor, n, cfg.max_steps, partial(preprocess_frames, crop=cfg.crop))
     rewards = np.zeros((n, cfg.max_steps), np.float32)
 
@@ -190,7 +218,7 @@ def _play_wave(env, cfg: CollectConfig, indices: list[int], writer: _EpisodeWrit
             )
             writer.submit(indices[k], episode)
 
-    run_episodes(env, recorder, torch.zeros(n, 0), seeds, on_step=on_step)
+    run_episodes(env, recorder, params, seeds, on_step=on_step)
 
 
 def run(cfg: CollectConfig) -> Path:
@@ -209,6 +237,10 @@ def run(cfg: CollectConfig) -> Path:
         return folder
     log(f"collect: {len(done)} valid episodes on disk, collecting {len(todo)} on {cfg.env}")
 
+    driver = None
+    if cfg.policy == "agent":
+        use_acting_threads()
+        driver = Driver(cfg.agent, cfg.agent_noise)
     started = time.perf_counter()
     bar = progress_bar(len(todo) * cfg.max_steps, "collect", unit="step")
     writer = _EpisodeWriter(folder, cfg.compress_level, depth=cfg.envs)
@@ -220,7 +252,7 @@ def run(cfg: CollectConfig) -> Path:
                 if env is not None:
                     env.close()
                 env = make_env(cfg.env, len(wave), cfg.max_steps, default_workers(cfg.workers))
-            _play_wave(env, cfg, wave, writer, bar)
+            _play_wave(env, cfg, wave, writer, bar, driver)
             bar.set_postfix(episodes=f"{len(done) + start + len(wave)}/{cfg.episodes}")
     finally:
         if env is not None:

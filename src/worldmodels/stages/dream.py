@@ -33,7 +33,7 @@ from worldmodels.artifacts import (
     load_vae,
     results_dir,
 )
-from worldmodels.config import option, save_config
+from worldmodels.config import Config, option, save_config
 from worldmodels.data import load_episode, open_episodes, split_by_episode
 from worldmodels.data.dataset import MDN_VAL_FRACTION, saved_val_fraction
 from worldmodels.data.latents import load_latents, open_latents
@@ -56,22 +56,22 @@ DREAM_POLICIES = ("real", "random")
 
 
 @dataclass
-class DreamConfig:
+class DreamConfig(Config):
     run_dir: Path = option(
         DEFAULT_RUN_DIR,
         "run directory with a trained VAE and M; with --agent, where the pictures go "
         "(default: runs/<agent folder name>)",
     )
     episode: int = option(-1, "episode index to start from (-1 = the first held-out episode)")
-    steps: int = option(80, "dream steps to roll out and show")
+    steps: int = option(80, "dream steps to roll out and show", low=1)
     temperature: float = option(1.15, "mixture temperature τ of the dream (higher = wilder)")
     policy: str = option(
         "real", "dream actions: real (the episode's) or random (brownian)", DREAM_POLICIES
     )
-    error_episodes: int = option(8, "held-out episodes averaged in the latent-error plot")
-    error_samples: int = option(4, "dreams per episode in the latent-error plot")
-    scale: int = option(4, "upscale factor of the 64x64 frames in the GIF")
-    fps: int = option(15, "GIF frames per second")
+    error_episodes: int = option(8, "held-out episodes averaged in the latent-error plot", low=1)
+    error_samples: int = option(4, "dreams per episode in the latent-error plot", low=1)
+    scale: int = option(4, "upscale factor of the 64x64 frames in the GIF", low=1)
+    fps: int = option(15, "GIF frames per second", low=1)
     seed: int = option(0, "seed of the dream sampling (and of the random policy)")
     out: Path | None = option(None, "output folder (default: <run-dir>/dream)")
     device: str = option("cpu", "torch device: auto, cpu or cuda")
@@ -85,14 +85,6 @@ class DreamConfig:
 
     def written_dir(self) -> Path:
         return results_dir(self.run_dir, agent_root(self.agent, self.pretrained) or self.run_dir)
-
-    def validate(self) -> None:
-        if self.steps < 1 or self.scale < 1 or self.fps < 1:
-            raise UserError("need --steps >= 1, --scale >= 1 and --fps >= 1")
-        if self.error_episodes < 1 or self.error_samples < 1:
-            raise UserError("need --error-episodes >= 1 and --error-samples >= 1")
-        if self.policy not in DREAM_POLICIES:
-            raise UserError(f"unknown --policy {self.policy!r}: choose one of real, random")
 
 
 # --- pictures ---------------------------------------------------------------------------------

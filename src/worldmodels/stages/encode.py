@@ -12,7 +12,6 @@ every epoch (the paper's trick against overfitting M to one fixed sample per fra
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +21,12 @@ import torch
 
 from worldmodels.artifacts import load_vae
 from worldmodels.checkpoint import read_model_meta
-from worldmodels.config import option, save_config
+from worldmodels.config import Config, option, save_config
 from worldmodels.data import Episode, iterate_episodes, open_episodes
 from worldmodels.data.latents import (
-    VAE_SOURCE,
     LatentEpisode,
+    latents_source,
+    record_latents_source,
     write_latents,
 )
 from worldmodels.data.manifest import (
@@ -36,8 +36,7 @@ from worldmodels.data.manifest import (
     rewrite_manifest,
     validate_entries,
 )
-from worldmodels.errors import UserError
-from worldmodels.io import atomic_write_text, remove_temp_files
+from worldmodels.io import remove_temp_files
 from worldmodels.layout import RunDir, writable_dir
 from worldmodels.models import ConvVAE, frames_to_tensor
 from worldmodels.progress import log, progress_bar
@@ -45,15 +44,11 @@ from worldmodels.runtime import pick_device
 
 
 @dataclass
-class EncodeConfig:
+class EncodeConfig(Config):
     run_dir: Path = option(Path("runs/default"), "run directory; latents go to <run-dir>/latents")
-    batch_size: int = option(1000, "frames per VAE forward pass")
+    batch_size: int = option(1000, "frames per VAE forward pass", low=1)
     device: str = option("auto", "torch device: auto (cuda if available), cpu or cuda")
     force: bool = option(False, "re-encode every episode, even those already encoded")
-
-    def validate(self) -> None:
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -77,11 +72,7 @@ def _sweep(folder: Path, episodes: dict[int, ManifestEntry], vae_sha: str) -> se
     rest. Returns the episode indices that are already done."""
     for path in remove_temp_files(folder):
         log(f"encode: removed unfinished temp file {path.name}")
-    source = folder / VAE_SOURCE
-    try:
-        same_vae = json.loads(source.read_text()).get("vae_sha256") == vae_sha
-    except (OSError, json.JSONDecodeError):
-        same_vae = False
+    same_vae = bool(vae_sha) and latents_source(folder) == vae_sha
     entries = read_manifest(folder) if same_vae else []
     if not same_vae and read_manifest(folder):
         log("encode: the VAE changed since these latents were made: re-encoding everything")
@@ -94,7 +85,7 @@ def _sweep(folder: Path, episodes: dict[int, ManifestEntry], vae_sha: str) -> se
         if path.name not in keep:
             path.unlink()
     rewrite_manifest(folder, valid)
-    atomic_write_text(source, json.dumps({"vae_sha256": vae_sha}) + "\n")
+    record_latents_source(folder, vae_sha)
     return {e.index for e in valid}
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from worldmodels.artifacts import DEFAULT_RUN_DIR, agent_root, load_acting_agent, results_dir
-from worldmodels.config import option, save_config
+from worldmodels.config import Config, option, save_config
 from worldmodels.data.latents import first_latents
 from worldmodels.dream import DreamEnv, DreamEvaluator, controller_policy, dream_rollout
 from worldmodels.envs import (
@@ -42,14 +42,16 @@ SOLVED = 900.0
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(Config):
     run_dir: Path = option(DEFAULT_RUN_DIR, "run directory with a trained controller")
-    episodes: int = option(100, "number of evaluation tracks (the standard protocol is 100)")
+    episodes: int = option(100, "number of evaluation tracks (the standard protocol is 100)", low=1)
     seed: int = option(EVAL_SEED_BASE, "track seed of the first episode; episode i uses seed+i")
     env: str = option(
         "gymnasium", "env backend; reported scores use gymnasium (official)", BACKENDS
     )
-    max_steps: int = option(MAX_EPISODE_STEPS, "step limit per episode (official: 1000)")
+    max_steps: int = option(
+        MAX_EPISODE_STEPS, "step limit per episode (official: 1000)", low=1, high=MAX_EPISODE_STEPS
+    )
     workers: int = option(0, "gymnasium processes or envpool threads (0 = one per core)")
     deterministic: bool = option(
         True,
@@ -68,6 +70,7 @@ class EvaluateConfig:
         "then let the same controller drive N dreams of M (from the run's real first frames): "
         "dream.json holds the dreamed returns beside the real ones, dream_drive.gif shows a dream "
         "(0 = skip; needs a run dir with encoded latents)",
+        low=0,
     )
     device: str = option("cpu", "torch device for V and M")
     agent: Path | None = option(
@@ -83,12 +86,6 @@ class EvaluateConfig:
 
     def written_dir(self) -> Path:
         return results_dir(self.run_dir, agent_root(self.agent, self.pretrained) or self.run_dir)
-
-    def validate(self) -> None:
-        if self.episodes < 1 or self.dream_episodes < 0:
-            raise UserError("need --episodes >= 1 and --dream-episodes >= 0")
-        if not 1 <= self.max_steps <= MAX_EPISODE_STEPS:
-            raise UserError(f"--max-steps must be in 1..{MAX_EPISODE_STEPS}")
 
 
 def summarize(returns: np.ndarray) -> dict:

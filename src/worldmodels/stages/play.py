@@ -10,10 +10,9 @@ import numpy as np
 import torch
 
 from worldmodels.artifacts import agent_root, load_acting_agent
-from worldmodels.config import option
+from worldmodels.config import Config, option
 from worldmodels.envs import BACKENDS, MAX_EPISODE_STEPS, make_env
 from worldmodels.envs.gymnasium_backend import ensure_headless_display
-from worldmodels.errors import UserError
 from worldmodels.progress import log
 from worldmodels.rollout import run_episodes
 from worldmodels.seeds import first
@@ -22,13 +21,15 @@ PANEL = 288  # each picture is drawn 288×288 pixels (96×3, 64×4.5)
 
 
 @dataclass
-class PlayConfig:
+class PlayConfig(Config):
     run_dir: Path = option(Path("runs/default"), "run directory with a trained controller")
     seed: int = option(first("evaluate"), "track seed of the first episode")
-    episodes: int = option(1, "episodes to play, one after another")
+    episodes: int = option(1, "episodes to play, one after another", low=1)
     env: str = option("gymnasium", "env backend", BACKENDS)
-    max_steps: int = option(MAX_EPISODE_STEPS, "step limit per episode")
-    fps: int = option(50, "frames per second to show (0 = as fast as possible)")
+    max_steps: int = option(
+        MAX_EPISODE_STEPS, "step limit per episode", low=1, high=MAX_EPISODE_STEPS
+    )
+    fps: int = option(50, "frames per second to show (0 = as fast as possible)", low=0)
     controller: str = option("mean", "which controller to drive with", ("mean", "best"))
     screenshot: Path | None = option(
         None, "save the last window picture to this PNG (e.g. for docs)"
@@ -39,12 +40,6 @@ class PlayConfig:
     def written_dir(self) -> None:
         """play writes nothing into a run dir (a screenshot goes where it is asked)."""
         return None
-
-    def validate(self) -> None:
-        if self.episodes < 1 or not 1 <= self.max_steps <= MAX_EPISODE_STEPS or self.fps < 0:
-            raise UserError(
-                f"need --episodes >= 1, --max-steps in 1..{MAX_EPISODE_STEPS} and --fps >= 0"
-            )
 
 
 class Window:

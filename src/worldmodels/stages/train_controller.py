@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from worldmodels.agent import Agent
 from worldmodels.artifacts import load_world_model, save_controller, world_model_sources
-from worldmodels.config import option, require_same_settings, save_config
+from worldmodels.config import Config, option, require_same_settings, save_config
 from worldmodels.data.latents import first_latents
 from worldmodels.dream import DreamEvaluator
 from worldmodels.envs import BACKENDS, MAX_EPISODE_STEPS
@@ -36,6 +36,7 @@ from worldmodels.runtime import use_acting_threads, use_all_threads
 from worldmodels.scoring import (
     CHECK_SEED_BASE,
     EXTRA_TRAIN_SEED_BASE,
+    H_SIGMA_SCALE,
     SELECT_SEED_BASE,
     TRAIN_SEED_BASE,
     Evaluator,
@@ -53,49 +54,32 @@ from worldmodels.seeds import require_within
 ES_STATE = "es_state.json"
 PICKLED_STATE = "es_state.pkl"  # what versions before 0.2 wrote; never read (pickle runs code)
 SELECTION = "selection.json"
-# Settings that define the search being resumed; changing them needs --force or a new run dir.
-_IDENTITY = (
-    "population",
-    "rollouts",
-    "max_rollouts",
-    "sigma0",
-    "diagonal",
-    "mirrors",
-    "h_sigma_scale",
-    "max_steps",
-    "early_stop",
-    "lap_bonus",
-    "env",
-    "z_only",
-    "seed",
-    "check_episodes",
-    "check_steps",
-    "deterministic",
-    "searches",
-    "cull_after",
-    "dream_generations",
-    "dream_temperature",
-)
+# What a resumed search may change; every other setting defines the search (so a setting added
+# later is guarded by default) and changing it needs --force or a new run dir.
+_MAY_CHANGE = {"run_dir", "generations", "workers", "backend", "ray_address", "ray_chunks"}
+_MAY_CHANGE |= {"ray_cpus_per_task", "ray_timeout_min", "check_every", "select_top"}
+_MAY_CHANGE |= {"select_episodes", "time_budget_min", "device", "force"}
 
 
 @dataclass
-class TrainControllerConfig:
+class TrainControllerConfig(Config):
     run_dir: Path = option(
         Path("runs/default"), "run directory with trained V (vae/) and M (mdnrnn/)"
     )
-    generations: int = option(40, "CMA-ES generations")
-    population: int = option(16, "candidates per generation")
-    rollouts: int = option(2, "episodes per candidate per generation (same tracks for all)")
+    generations: int = option(40, "CMA-ES generations", low=0)
+    population: int = option(16, "candidates per generation", low=2)
+    rollouts: int = option(2, "episodes per candidate per generation (same tracks for all)", low=1)
     max_rollouts: int = option(
         0,
         "grow the episodes per candidate as CMA-ES narrows: rollouts * sqrt(sigma0 / sigma), "
         "up to this many (0 = always --rollouts); late candidates differ by less than track luck",
     )
-    sigma0: float = option(0.1, "initial CMA-ES step size")
+    sigma0: float = option(0.1, "initial CMA-ES step size", above=0)
     searches: int = option(
         1,
         "independent CMA-ES searches run side by side until --cull-after; then only the one "
         "whose last two checks average best goes on (same-seed runs ended 175 points apart)",
+        low=1,
     )
     cull_after: int = option(
         20, "generation after which all searches but the best stop (with --searches > 1)"
@@ -110,15 +94,21 @@ class TrainControllerConfig:
         "mirrored sampling: candidates come in pairs mean ± d on the same tracks, so the track "
         "luck both share cancels in the mean's update (needs an even --population)",
     )
-    h_sigma_scale: float = option(0.1, "initial std of the weights on h relative to those on z")
+    h_sigma_scale: float = option(
+        H_SIGMA_SCALE, "initial std of the weights on h relative to those on z"
+    )
     max_steps: int = option(
         MAX_EPISODE_STEPS,
         "step limit of training episodes: shorter ones see more tracks per minute and reward "
         "speed more (a car twice as fast gains twice the tiles, not a few points at the lap end)",
+        low=1,
+        high=MAX_EPISODE_STEPS,
     )
     check_steps: int = option(
         MAX_EPISODE_STEPS,
         "step limit of the periodic check and of the final selection (evaluation's is 1000)",
+        low=1,
+        high=MAX_EPISODE_STEPS,
     )
     early_stop: int = option(100, "stop an episode after this many steps without reward (0 = off)")
     lap_bonus: float = option(
@@ -137,9 +127,10 @@ class TrainControllerConfig:
         0,
         "with a real --env: play the first N generations inside M, then go on in the real env "
         "from where the dream left the search (checks start with the real generations)",
+        low=0,
     )
     dream_temperature: float = option(
-        1.0, "temperature tau of the dream's sampling (--env dream, --dream-generations)"
+        1.0, "temperature tau of the dream's sampling (--env dream, --dream-generations)", above=0
     )
     workers: int = option(0, "envpool threads or gymnasium processes (0 = one per core)")
     backend: str = option(
@@ -150,25 +141,34 @@ class TrainControllerConfig:
     ray_address: str = option(
         "", "Ray cluster to join (e.g. auto or ray://host:10001); empty = start a local Ray"
     )
-    ray_chunks: int = option(0, "Ray tasks per generation (0 = one per ray-cpus-per-task CPUs)")
-    ray_cpus_per_task: int = option(1, "CPUs per Ray task (its env threads and torch threads)")
+    ray_chunks: int = option(
+        0, "Ray tasks per generation (0 = one per ray-cpus-per-task CPUs)", low=0
+    )
+    ray_cpus_per_task: int = option(
+        1, "CPUs per Ray task (its env threads and torch threads)", low=1
+    )
     ray_timeout_min: float = option(
-        30.0, "give up (in one line; a rerun resumes) when a batch of Ray tasks takes longer"
+        30.0,
+        "give up (in one line; a rerun resumes) when a batch of Ray tasks takes longer",
+        above=0,
     )
     z_only: bool = option(False, "controller sees z only, not the memory h (the paper's ablation)")
     seed: int = option(0, "CMA-ES seed; training tracks are 100000 + generation*rollouts + r")
     check_every: int = option(
-        5, "evaluate the CMA-ES mean on fixed held-out tracks every N generations (0 = never)"
+        5,
+        "evaluate the CMA-ES mean on fixed held-out tracks every N generations (0 = never)",
+        low=0,
     )
     check_episodes: int = option(8, "episodes of that periodic check")
     select_top: int = option(
         4,
         "at the end, the N checked means with the best checks play fresh held-out tracks and the "
         "best there is kept (0 = keep the last mean)",
+        low=0,
     )
     select_episodes: int = option(24, "episodes per finalist in that final selection")
     time_budget_min: float = option(
-        0.0, "stop after this many minutes, the final selection included (0 = no limit)"
+        0.0, "stop after this many minutes, the final selection included (0 = no limit)", low=0
     )
     deterministic: bool = option(
         False,
@@ -178,41 +178,23 @@ class TrainControllerConfig:
     device: str = option("cpu", "torch device for V and M")
     force: bool = option(False, "start over, discarding the saved optimizer state")
 
-    def validate(self) -> None:
-        if self.population < 2 or self.rollouts < 1 or self.generations < 0:
-            raise UserError("need --population >= 2, --rollouts >= 1, --generations >= 0")
-        if not (
-            1 <= self.max_steps <= MAX_EPISODE_STEPS and 1 <= self.check_steps <= MAX_EPISODE_STEPS
-        ):
-            raise UserError(f"--max-steps and --check-steps must be in 1..{MAX_EPISODE_STEPS}")
-        if self.sigma0 <= 0:
-            raise UserError("--sigma0 must be > 0")
+    def check(self) -> None:
         if self.mirrors and self.population % 2:
             raise UserError("--mirrors pairs the candidates: give an even --population")
-        if self.ray_chunks < 0 or self.ray_cpus_per_task < 1 or self.ray_timeout_min <= 0:
-            raise UserError(
-                "need --ray-chunks >= 0, --ray-cpus-per-task >= 1 and --ray-timeout-min > 0"
-            )
-        if self.select_top < 0 or (self.select_top and self.select_episodes < 1):
-            raise UserError("need --select-top >= 0 and, with it, --select-episodes >= 1")
-        if self.check_every < 0 or (self.check_every and self.check_episodes < 1):
-            raise UserError("need --check-every >= 0 and, with it, --check-episodes >= 1")
-        if self.searches < 1:
-            raise UserError("--searches must be >= 1")
+        if self.select_top and self.select_episodes < 1:
+            raise UserError("--select-episodes must be >= 1 with --select-top")
+        if self.check_every and self.check_episodes < 1:
+            raise UserError("--check-episodes must be >= 1 with --check-every")
         if self.searches > 1 and not (self.check_every and self.cull_after >= self.check_every):
             raise UserError(
                 "--searches > 1 picks its survivor by the checks: need --check-every >= 1 and "
                 "--cull-after >= --check-every"
             )
-        if self.time_budget_min < 0:
-            raise UserError("--time-budget-min must be >= 0 (0 = no limit)")
         if self.deterministic and (self.time_budget_min or self.backend != "local"):
             raise UserError(
                 "--deterministic counts generations, not minutes, in this process: add "
                 "--time-budget-min 0 (and --backend local), and set --generations"
             )
-        if self.dream_generations < 0 or self.dream_temperature <= 0:
-            raise UserError("need --dream-generations >= 0 and --dream-temperature > 0")
         if self.env != "dream" and self.dream_generations >= max(1, self.generations):
             raise UserError("--dream-generations must be below --generations (the rest is real)")
         if self.searches > 1 and self.dream_generations >= self.cull_after:
@@ -368,7 +350,7 @@ def run(cfg: TrainControllerConfig) -> Path:
         require_same_settings(
             cfg,
             folder / "config.json",
-            _IDENTITY,
+            tuple(f.name for f in fields(cfg) if f.name not in _MAY_CHANGE),
             "a CMA-ES run",
             "rerun with the same settings to resume, add --force to start over, or use another "
             "--run-dir",

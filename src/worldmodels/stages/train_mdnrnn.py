@@ -20,13 +20,11 @@ epochs compare, and reports:
 Randomness depends only on (seed, epoch), so a resumed run is identical to an uninterrupted one.
 
 Memory: episodes stream from disk one batch at a time (plus one prefetched batch), so RAM holds
-about 2 × batch_size × T × (2Z + 5) floats (≈ 35 MB for 64 episodes of 1000 steps), whatever
-the number of episodes.
+about 2 × batch_size × T × (2Z + 5) floats, whatever the number of episodes.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,21 +34,19 @@ import numpy as np
 import torch
 
 from worldmodels.checkpoint import (
-    MODEL_META,
     TrainingCheckpoint,
     clear_training_outputs,
-    model_is_intact,
-    read_model_meta,
+    finished_model_meta,
     save_model,
 )
-from worldmodels.config import option, require_same_settings, save_config
+from worldmodels.config import Config, option, require_same_settings, save_config
 from worldmodels.data import split_by_episode
 from worldmodels.data.dataset import MDN_VAL_FRACTION
 from worldmodels.data.latents import (
-    VAE_SOURCE,
     EpisodeBatch,
     chunks,
     iterate_batches,
+    latents_source,
     load_latents,
     open_latents,
 )
@@ -68,33 +64,25 @@ LOSS_KEYS = ("loss", "nll", "nll_sum", "reward_mse", "done_bce")
 
 
 @dataclass
-class TrainMDNRNNConfig:
+class TrainMDNRNNConfig(Config):
     run_dir: Path = option(Path("runs/default"), "run directory; M goes to <run-dir>/mdnrnn")
-    epochs: int = option(20, "passes over the training episodes (a rerun with more continues)")
-    batch_size: int = option(64, "episodes per batch (one per row, walked chunk by chunk)")
-    seq_len: int = option(32, "steps per chunk of truncated backpropagation through time")
-    lr: float = option(1e-3, "Adam learning rate")
+    epochs: int = option(
+        20, "passes over the training episodes (a rerun with more continues)", low=0
+    )
+    batch_size: int = option(64, "episodes per batch (one per row, walked chunk by chunk)", low=1)
+    seq_len: int = option(32, "steps per chunk of truncated backpropagation through time", low=1)
+    lr: float = option(1e-3, "Adam learning rate", above=0)
     grad_clip: float = option(1.0, "clip the gradient norm to this (0 = off)")
-    hidden: int = option(256, "LSTM hidden units")
-    n_gaussians: int = option(5, "mixture components per latent dimension")
+    hidden: int = option(256, "LSTM hidden units", low=1)
+    n_gaussians: int = option(5, "mixture components per latent dimension", low=1)
     reward_weight: float = option(1.0, "weight of the reward MSE in the loss")
     done_weight: float = option(1.0, "weight of the done BCE in the loss")
     val_fraction: float = option(
-        MDN_VAL_FRACTION, "fraction of episodes held out (by episode seed)"
+        MDN_VAL_FRACTION, "fraction of episodes held out (by episode seed)", low=0, below=1
     )
     seed: int = option(0, "seed of the weights, the episode order and the z samples")
     device: str = option("auto", "torch device: auto (cuda if available), cpu or cuda")
     force: bool = option(False, "start over, discarding the checkpoint and the trained model")
-
-    def validate(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.seq_len < 1:
-            raise UserError("need --epochs >= 0, --batch-size >= 1 and --seq-len >= 1")
-        if self.hidden < 1 or self.n_gaussians < 1:
-            raise UserError("need --hidden >= 1 and --n-gaussians >= 1")
-        if not 0 <= self.val_fraction < 1:
-            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be > 0, got {self.lr}")
 
 
 # Settings that define the model being trained; changing them needs --force (or a new run dir).
@@ -211,14 +199,6 @@ def _check_same_model(cfg: TrainMDNRNNConfig, config_path: Path) -> None:
     )
 
 
-def _latents_source(latents: Path) -> str:
-    """The sha256 of the VAE the latents came from (written by encode)."""
-    try:
-        return json.loads((latents / VAE_SOURCE).read_text()).get("vae_sha256", "")
-    except (OSError, json.JSONDecodeError):
-        return ""
-
-
 def _stale(what: str) -> UserError:
     return UserError(
         f"the latents were re-encoded with another VAE since {what} was made: "
@@ -228,12 +208,9 @@ def _stale(what: str) -> UserError:
 
 def _trained_epochs(folder: Path, source: str) -> int:
     """Epochs of the finished M in `folder` (-1 if none); an M of older latents is an error."""
-    if not (folder / MODEL_META).exists():
+    meta = finished_model_meta(folder, COMMAND)
+    if meta is None:
         return -1
-    if not model_is_intact(folder):
-        log(f"{COMMAND}: the model in {folder} is damaged: writing it again from the checkpoint")
-        return -1
-    meta = read_model_meta(folder, COMMAND)
     if meta.get("latents_vae_sha256", source) != source:
         raise _stale("the trained M")
     return int(meta.get("epochs", -1))
@@ -254,7 +231,7 @@ def run(cfg: TrainMDNRNNConfig) -> Path:
     cfg.validate()
     layout = RunDir(cfg.run_dir)
     entries = open_latents(layout.latents)  # says "run encode first" when there are none
-    source = _latents_source(layout.latents)
+    source = latents_source(layout.latents)
     folder = writable_dir(layout.mdnrnn)
     config_path = folder / "config.json"
     if cfg.force:

@@ -13,7 +13,7 @@ depend on them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,20 +25,17 @@ from worldmodels.checkpoint import (
     MODEL_WEIGHTS,
     TrainingCheckpoint,
     clear_training_outputs,
-    model_is_intact,
-    read_model_meta,
+    finished_model_meta,
     save_model,
 )
-from worldmodels.config import option, require_same_settings, save_config
+from worldmodels.config import Config, option, require_same_settings, save_config
 from worldmodels.data import (
     count_frames,
     iterate_frame_batches,
-    load_episode,
     open_episodes,
     split_by_episode,
 )
-from worldmodels.data.dataset import VAE_VAL_FRACTION
-from worldmodels.data.manifest import ManifestEntry
+from worldmodels.data.dataset import VAE_VAL_FRACTION, first_frames, take_frames
 from worldmodels.errors import UserError
 from worldmodels.layout import RunDir, writable_dir
 from worldmodels.metrics import MetricsLog
@@ -51,19 +48,25 @@ COMMAND = "train-vae"
 
 
 @dataclass
-class TrainVAEConfig:
+class TrainVAEConfig(Config):
     run_dir: Path = option(Path("runs/default"), "run directory; the VAE goes to <run-dir>/vae")
-    epochs: int = option(10, "passes over the training frames")
-    batch_size: int = option(100, "frames per optimisation step (the paper uses 100)")
-    lr: float = option(1e-3, "Adam learning rate")
-    free_bits: float = option(0.5, "KL floor in nats per latent dim (the paper uses 0.5)")
-    z_dim: int = option(32, "latent size")
+    epochs: int = option(10, "passes over the training frames", low=1)
+    batch_size: int = option(100, "frames per optimisation step (the paper uses 100)", low=1)
+    lr: float = option(1e-3, "Adam learning rate", above=0)
+    free_bits: float = option(0.5, "KL floor in nats per latent dim (the paper uses 0.5)", low=0)
+    z_dim: int = option(32, "latent size", low=1)
     channels: tuple[int, ...] = option((32, 64, 128, 256), "encoder channels, 4 comma-separated")
-    val_fraction: float = option(VAE_VAL_FRACTION, "share of episodes held out for validation")
-    buffer_episodes: int = option(8, "episodes mixed in the shuffle buffer (bounds memory)")
-    max_train_frames: int = option(0, "training frames per epoch, a random subset (0 = all)")
-    max_val_frames: int = option(0, "validation frames per epoch, always the same ones (0 = all)")
-    patience: int = option(0, "stop after this many epochs without a better val SSE (0 = off)")
+    val_fraction: float = option(
+        VAE_VAL_FRACTION, "share of episodes held out for validation", low=0, below=1
+    )
+    buffer_episodes: int = option(8, "episodes mixed in the shuffle buffer (bounds memory)", low=1)
+    max_train_frames: int = option(0, "training frames per epoch, a random subset (0 = all)", low=0)
+    max_val_frames: int = option(
+        0, "validation frames per epoch, always the same ones (0 = all)", low=0
+    )
+    patience: int = option(
+        0, "stop after this many epochs without a better val SSE (0 = off)", low=0
+    )
     seed: int = option(0, "seed for weights, shuffling and the reparameterisation noise")
     device: str = option("auto", "where to train (auto = cuda if present)", ("auto", "cpu", "cuda"))
     precision: str = option(
@@ -75,23 +78,9 @@ class TrainVAEConfig:
     compile: bool = option(False, "torch.compile the model (costs tens of seconds up front)")
     force: bool = option(False, "discard the checkpoint and any finished model, start over")
 
-    def validate(self) -> None:
-        for name in ("epochs", "batch_size", "z_dim", "buffer_episodes"):
-            if getattr(self, name) < 1:
-                raise UserError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                )
-        for name in ("max_train_frames", "max_val_frames", "patience"):
-            if getattr(self, name) < 0:
-                raise UserError(
-                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
-                )
+    def check(self) -> None:
         if len(self.channels) != 4 or min(self.channels) < 1:
             raise UserError(f"--channels needs 4 positive sizes, got {self.channels}")
-        if not 0 <= self.val_fraction < 1:
-            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.lr <= 0 or self.free_bits < 0:
-            raise UserError("--lr must be > 0 and --free-bits >= 0")
 
 
 # Settings that define what a checkpoint *is*; the rest (epochs, lr, speed) may change on resume.
@@ -100,28 +89,6 @@ _IDENTITY = ("z_dim", "channels", "val_fraction")
 
 # ---------------------------------------------------------------------------------------------
 # Training
-
-
-def first_frames(folder: Path, entries: list[ManifestEntry], n: int) -> np.ndarray:
-    """`n` real frames (repeated if the data set is smaller) for the speed measurement."""
-    frames = []
-    for entry in entries:
-        frames.append(load_episode(folder / entry.file).obs)
-        if sum(len(f) for f in frames) >= n:
-            break
-    return np.resize(np.concatenate(frames), (n, 64, 64, 3))
-
-
-def _take(batches: Iterable[np.ndarray], limit: int) -> Iterator[np.ndarray]:
-    """Yield batches until `limit` frames (0 = no limit), trimming the last one to fit."""
-    seen = 0
-    for batch in batches:
-        if limit:
-            batch = batch[: limit - seen]
-        if len(batch) == 0:
-            return
-        seen += len(batch)
-        yield batch
 
 
 def train_epoch(
@@ -198,13 +165,8 @@ def _check_same_identity(cfg: TrainVAEConfig, out: Path) -> None:
 
 def _finished(out: Path, cfg: TrainVAEConfig) -> dict | None:
     """The finished model's metadata if it already covers the requested epochs."""
-    if not (out / MODEL_META).exists():
-        return None
-    if not model_is_intact(out):
-        log(f"{COMMAND}: the model in {out} is damaged: writing it again from the checkpoint")
-        return None
-    meta = read_model_meta(out, COMMAND)
-    return meta if meta.get("epochs_requested", 0) >= cfg.epochs else None
+    meta = finished_model_meta(out, COMMAND)
+    return meta if meta and meta.get("epochs_requested", 0) >= cfg.epochs else None
 
 
 def _cpu_state(model: ConvVAE) -> dict[str, torch.Tensor]:
@@ -276,11 +238,13 @@ def run(cfg: TrainVAEConfig) -> Path:
                 layout.episodes, train_entries, cfg.batch_size, rng, cfg.buffer_episodes
             )
             row = {"epoch": epoch} | train_epoch(
-                model, forward, optimizer, _take(train, cfg.max_train_frames), epoch_frames,
+                model, forward, optimizer, take_frames(train, cfg.max_train_frames), epoch_frames,
                 cfg, device, speed, desc=f"{COMMAND} {epoch}/{cfg.epochs}",
             )  # fmt: skip
             val = iterate_frame_batches(layout.episodes, val_entries, cfg.batch_size, None, 1)
-            row |= evaluate(model, _take(val, cfg.max_val_frames), device, speed, cfg.free_bits)
+            row |= evaluate(
+                model, take_frames(val, cfg.max_val_frames), device, speed, cfg.free_bits
+            )
             row |= {"seconds": time.perf_counter() - started, "speed": speed.name}
             state = _update_best(state, row, model)
             metrics.write(row, step=epoch)  # before the checkpoint: a kill between the two

@@ -24,10 +24,9 @@ import numpy as np
 import torch
 
 from worldmodels.artifacts import load_vae
-from worldmodels.config import option
+from worldmodels.config import Config, option
 from worldmodels.data import load_episode, open_episodes, split_by_episode
 from worldmodels.data.dataset import VAE_VAL_FRACTION, saved_val_fraction
-from worldmodels.errors import UserError
 from worldmodels.layout import RunDir
 from worldmodels.models import ConvVAE, frames_to_tensor
 from worldmodels.progress import log
@@ -46,18 +45,13 @@ SWEEP = 3.0  # a traversed dim moves this far either way, in the prior's units
 
 
 @dataclass
-class VisualizeVAEConfig:
+class VisualizeVAEConfig(Config):
     run_dir: Path = option(Path("runs/default"), "run directory with a trained <run-dir>/vae")
-    columns: int = option(8, "frames per row in reconstructions.png")
-    dims: int = option(6, "latent dims to traverse (the most used ones)")
-    steps: int = option(7, "values per traversed dim, from -3 to +3 (odd: centre = frame)")
-    scale: int = option(2, "upscale factor of the written images")
+    columns: int = option(8, "frames per row in reconstructions.png", low=1)
+    dims: int = option(6, "latent dims to traverse (the most used ones)", low=1)
+    steps: int = option(7, "values per traversed dim, from -3 to +3 (odd: centre = frame)", low=1)
+    scale: int = option(2, "upscale factor of the written images", low=1)
     seed: int = option(0, "seed of the prior samples and of which held-out frames are shown")
-
-    def validate(self) -> None:
-        for name in ("columns", "dims", "steps", "scale"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
 
 def held_out_frames(
