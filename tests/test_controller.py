@@ -11,8 +11,13 @@ import torch
 
 from worldmodels import scoring
 from worldmodels.agent import Agent
-from worldmodels.artifacts import load_controller, load_world_model
-from worldmodels.checkpoint import save_model
+from worldmodels.artifacts import (
+    load_controller,
+    load_mdnrnn,
+    load_world_model,
+    world_model_sources,
+)
+from worldmodels.checkpoint import read_model_meta, save_model
 from worldmodels.cli import main
 from worldmodels.envs import BatchedEnv, make_env
 from worldmodels.errors import UserError
@@ -245,6 +250,36 @@ def test_evaluation_returns_do_not_depend_on_the_worker_processes(trained_run):
         assert report["protocol"]["deterministic"] is True
         returns.append([e["return"] for e in report["episodes"]])
     assert returns[0] == returns[1] and len(set(returns[0])) > 1
+
+
+def test_evaluate_sums_ms_reward_head_along_every_real_drive(trained_run):
+    """eval.json sets M's reward head (the dream's only reward), summed along each real drive,
+    beside the real return: with a head that says 0.25 whatever the memory, every track's sum is
+    0.25 per step driven, and a constant has no correlation to report."""
+    layout = RunDir(trained_run)
+    mdnrnn = load_mdnrnn(trained_run)
+    row = 3 * mdnrnn.n_gaussians * mdnrnn.z_dim  # the reward output of the one linear head
+    with torch.no_grad():
+        mdnrnn.head.weight[row] = 0.0
+        mdnrnn.head.bias[row] = 0.25
+    save_model(layout.mdnrnn, mdnrnn, read_model_meta(layout.mdnrnn, "train-mdnrnn")["arch"])
+    params, meta = load_controller(trained_run)
+    meta = {k: v for k, v in meta.items() if k not in ("arch", "sha256")}
+    save_model(
+        layout.controller,
+        LinearController.from_flat(params),
+        read_model_meta(layout.controller, "train-controller")["arch"],
+        {**meta, **world_model_sources(trained_run)},  # C goes with the edited M
+    )
+    argv = ["evaluate", "--run-dir", str(trained_run), "--episodes", "3", "--max-steps", "40"]
+    assert main([*argv, "--gif", "0", "--dream-episodes", "0"]) == 0
+    report = json.loads((layout.eval / "eval.json").read_text())
+    for episode in report["episodes"]:
+        assert episode["m_return"] == pytest.approx(0.25 * episode["steps"], rel=1e-5)
+    expected = np.mean([e["m_return"] for e in report["episodes"]])
+    assert report["m_reward"]["mean_expected"] == pytest.approx(expected)
+    assert report["m_reward"]["mean_real"] == pytest.approx(report["mean"])
+    assert report["m_reward"]["correlation"] is None
 
 
 def test_missing_controller_says_what_to_run(world_run, capsys):

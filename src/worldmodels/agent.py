@@ -74,6 +74,17 @@ class Agent:
         return self.encoder.encode_mean(x).float()
 
     @torch.inference_mode()
+    def expected_rewards(self, ids: np.ndarray) -> np.ndarray:
+        """What M's reward head says the last step of slots `ids` earned (read from their memory
+        after that step's action). The dream's only reward is this head, so summed over a real
+        drive it shows whether M knows what the agent's own driving is worth."""
+        ids = np.asarray(ids)
+        if self.one_at_a_time and len(ids) > 1:  # the same numbers whatever came back together
+            return np.concatenate([self.expected_rewards(ids[i : i + 1]) for i in range(len(ids))])
+        index = torch.as_tensor(ids, device=self.device)
+        return self.mdnrnn.predict(self.h[index]).reward[:, 0].float().cpu().numpy()
+
+    @torch.inference_mode()
     def act(
         self, frames: np.ndarray, params: torch.Tensor, ids: np.ndarray | None = None
     ) -> np.ndarray:

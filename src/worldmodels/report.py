@@ -116,6 +116,7 @@ def results_table(fig: dict) -> str:
         ("Evaluation mean ± std", eval_cell, REFERENCE["eval"]),
         ("Fraction of tracks ≥ 900", _fmt(ev.get("fraction_solved"), 2) if ev else "—", "—"),
         ("The same controller in M's dream (its predicted return)", _dreamed_cell(fig), "—"),
+        ("M's reward head along the real drives (the dream's reward)", _m_reward_cell(fig), "—"),
     ]
     lines = ["| figure | this run | reference |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
@@ -133,15 +134,31 @@ def _dreamed_cell(fig: dict) -> str:
     )
 
 
+def _m_reward_cell(fig: dict) -> str:
+    quality = fig["eval"].get("m_reward")
+    if not quality:
+        return "—"
+    corr = quality["correlation"]
+    return (
+        f"predicts {quality['mean_expected']:.1f} per track where the drives earned "
+        f"{quality['mean_real']:.1f}; correlation over tracks "
+        + ("—" if corr is None else f"{corr:.2f}")
+    )
+
+
 def _kept_cell(fig: dict) -> str:
     """Which CMA-ES mean was evaluated, and how it won the final selection."""
     kept = fig["selection"]
     if not kept:
         return "the last CMA-ES mean" if fig["generations"] else "—"
     won = next(f for f in kept["finalists"] if f["generation"] == kept["generation"])
+    official = fig["eval"].get("mean")
+    gap = (
+        "" if official is None else f" ({official - won['select_mean']:+.1f} on the official ones)"
+    )
     return (
         f"mean of generation {kept['generation']}: {won['select_mean']:.1f} ± "
-        f"{won['select_std']:.1f} on {kept['episodes']} held-out tracks, "
+        f"{won['select_std']:.1f} on {kept['episodes']} held-out training-backend tracks{gap}, "
         f"best of {len(kept['finalists'])} finalists"
     )
 

@@ -104,6 +104,17 @@ def summarize(returns: np.ndarray) -> dict:
     }
 
 
+def m_reward_quality(returns: np.ndarray, expected: np.ndarray) -> dict:
+    """How well M's reward head, the dream's reward, knows the agent's real drives: the
+    correlation over tracks of its summed prediction with the real return, and both means."""
+    spread = len(returns) > 1 and returns.std() > 0 and expected.std() > 0
+    return {
+        "correlation": float(np.corrcoef(returns, expected)[0, 1]) if spread else None,
+        "mean_expected": float(expected.mean()),
+        "mean_real": float(returns.mean()),
+    }
+
+
 def lap_outcomes(
     returns: np.ndarray, steps: np.ndarray, terminated: np.ndarray, tiles: list[int]
 ) -> list[dict]:
@@ -161,17 +172,26 @@ def run(cfg: EvaluateConfig) -> Path:
 
     bar = progress_bar(cfg.episodes * cfg.max_steps, "evaluate", unit="step")
     started = time.perf_counter()
+    expected = np.zeros(cfg.episodes)  # M's reward head, summed along each real drive
+
+    def on_step(got) -> None:
+        bar.update(len(got.ids))
+        expected[got.ids] += agent.expected_rewards(got.ids)
+
     with make_env(cfg.env, cfg.episodes, cfg.max_steps, default_workers(cfg.workers)) as env:
-        batch = params.repeat(cfg.episodes, 1)
-        result = run_episodes(
-            env, agent, batch, seeds, on_step=lambda got: bar.update(len(got.ids))
-        )
+        result = run_episodes(env, agent, params.repeat(cfg.episodes, 1), seeds, on_step=on_step)
     wall = time.perf_counter() - started
     bar.close()
 
     episodes = [
-        {"seed": s, "return": float(r), "steps": int(n), "terminated": bool(t)}
-        for s, r, n, t in zip(seeds, result.returns, result.steps, result.terminated)
+        {
+            "seed": s,
+            "return": float(r),
+            "steps": int(n),
+            "terminated": bool(t),
+            "m_return": float(m),
+        }
+        for s, r, n, t, m in zip(seeds, result.returns, result.steps, result.terminated, expected)
     ]
     if cfg.env == "gymnasium":  # envpool draws other tracks from the same seeds
         tiles = official_track_tiles(seeds)
@@ -195,6 +215,7 @@ def run(cfg: EvaluateConfig) -> Path:
         },
         **summarize(result.returns),
         **summarize_laps(episodes),
+        "m_reward": m_reward_quality(result.returns, expected),
         "episodes": episodes,
         "wall_s": wall,
         "steps_per_s": result.env_steps / wall,
