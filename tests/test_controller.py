@@ -158,6 +158,39 @@ def test_selection_keeps_the_finalist_that_plays_best_on_fresh_tracks(world_run)
     assert replay.returns.mean() == pytest.approx(winner["select_mean"], abs=1e-3)
 
 
+def test_the_average_of_the_finalists_is_one_more_finalist_and_wins_only_by_playing_best(
+    world_run,
+):
+    """--select-centroid: the average of the finalists' vectors plays the same fresh tracks as
+    they do (its recorded score is what it plays), and the kept controller is whichever
+    of the four played best, the average included."""
+    folder = _train(
+        world_run, generations=4, check_every=1, select_top=3, select_episodes=3,
+        select_centroid=True,
+    )  # fmt: skip
+    selection = json.loads((folder / "selection.json").read_text())
+    finalists = selection["finalists"]
+    assert len(finalists) == 4 and "centroid_of" in finalists[-1]
+    members = finalists[-1]["centroid_of"]
+    assert sorted(members) == sorted(f["generation"] for f in finalists[:3])
+    checked = json.loads((folder / "es_state.json").read_text())["checked"]
+    vectors = {c["generation"]: np.asarray(c["vector"]) for c in checked}
+    average = np.mean([vectors[g] for g in members], axis=0)
+    assert np.linalg.norm(average - vectors[members[0]]) > 1e-3  # a point of its own
+
+    seeds = list(range(selection["seeds"][0], selection["seeds"][1] + 1))
+    agent = load_world_model(world_run)
+    with make_env("envpool", len(seeds), max_steps=40) as env:
+        replay = run_episodes(env, agent, torch.tensor(average).float().repeat(3, 1), seeds)
+    assert replay.returns.mean() == pytest.approx(finalists[-1]["select_mean"], abs=1e-3)
+    winner = int(np.argmax([f["select_mean"] for f in finalists]))
+    assert selection["winner"] == winner
+    params, meta = load_controller(world_run)
+    expected = average if winner == 3 else vectors[finalists[winner]["generation"]]
+    np.testing.assert_allclose(params.numpy(), expected, atol=1e-6)
+    assert ("centroid_of" in meta) == (winner == 3)
+
+
 def test_two_searches_run_side_by_side_until_the_cull_then_the_better_one_goes_on(
     world_run, tmp_path_factory
 ):
@@ -422,6 +455,42 @@ def test_diagonal_cma_learns_the_variances_faster(world_run):
         learned = np.sqrt(es.dC) * es.sigma_vec.scaling / stds0
         spread[diagonal] = learned[1:].mean() / learned[0]
     assert spread[True] > 1.02 and spread[True] - 1 > 5 * abs(spread[False] - 1)
+
+
+def test_scaled_inputs_give_every_input_the_same_initial_pull(world_run):
+    """--scale-inputs: the rms of each input [z; h] is what the agent's own step-by-step memory
+    sees along the recorded episodes; each weight's std times its input's rms is then one value
+    within z and one within h, each group's total pull is the plain one, and biases keep 1."""
+    from worldmodels.data.latents import load_latents, open_latents
+    from worldmodels.stages import encode
+
+    encode.run(encode.EncodeConfig(run_dir=world_run, batch_size=16, device="cpu"))
+    agent = load_world_model(world_run)
+    latents = RunDir(world_run).latents
+    rows = []
+    for entry in open_latents(latents):
+        ep = load_latents(latents / entry.file)
+        agent.reset(1)
+        for z, action in zip(ep.mu[:-1], ep.actions):
+            z, action = torch.from_numpy(z)[None], torch.from_numpy(action)[None]
+            rows.append(torch.cat([z, agent.h], dim=1)[0])
+            agent.h, agent.c = agent.mdnrnn.advance(z, action, agent.h, agent.c)
+    stepped = torch.stack(rows).pow(2).mean(0).sqrt().detach().numpy()
+    rms = scoring.input_rms(agent, latents)
+    np.testing.assert_allclose(rms, stepped, rtol=1e-4, atol=1e-6)
+
+    d, z_dim = agent.input_dim, agent.vae.z_dim
+    plain = scoring.initial_stds(agent, 0.1)
+    scaled = scoring.initial_stds(agent, 0.1, rms)
+    cfg = train_controller.TrainControllerConfig(run_dir=world_run, scale_inputs=True)
+    np.testing.assert_allclose(train_controller._settings(cfg, agent).stds, scaled)
+    assert rms[z_dim:].max() > 2 * rms[z_dim:].min()  # the inputs differ, so the stds must
+    assert np.all(scaled[3 * d :] == 1.0)
+    for group in (slice(0, z_dim), slice(z_dim, d)):
+        pull = scaled[: 3 * d].reshape(3, d)[:, group] * rms[group]
+        np.testing.assert_allclose(pull, pull[0, 0], rtol=1e-5)
+        plain_pull = plain[: 3 * d].reshape(3, d)[:, group] * rms[group]
+        assert np.sum(pull**2) == pytest.approx(np.sum(plain_pull**2), rel=1e-5)
 
 
 def test_mirrored_candidates_come_in_pairs_around_the_mean_and_resume_the_same(tmp_path):

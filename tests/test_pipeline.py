@@ -87,7 +87,8 @@ def test_smoke_run_writes_every_artifact(smoke_run):
     assert "| VAE: summed squared error per image (held-out) |" in markdown
     kept = json.loads((layout.controller / "selection.json").read_text())
     assert (
-        len(kept["finalists"]) == 2 and f"| mean of generation {kept['generation']}: " in markdown
+        len(kept["finalists"]) == 2
+        and f"| the mean of generation {kept['generation']}: " in markdown
     )
     assert "## How the laps ended" in markdown and "| worst tracks: seed |" in markdown
     worst = min(report["episodes"], key=lambda e: e["return"])

@@ -17,6 +17,7 @@ from worldmodels.io import atomic_write_text
 from worldmodels.layout import RunDir
 from worldmodels.metrics import read_metrics
 from worldmodels.provenance import stale_stages
+from worldmodels.search import describe_finalist, kept_finalist
 from worldmodels.viz import new_figure, plot_metrics, plot_search, save_figure
 
 REFERENCE = {
@@ -151,13 +152,13 @@ def _kept_cell(fig: dict) -> str:
     kept = fig["selection"]
     if not kept:
         return "the last CMA-ES mean" if fig["generations"] else "—"
-    won = next(f for f in kept["finalists"] if f["generation"] == kept["generation"])
+    won = kept_finalist(kept)
     official = fig["eval"].get("mean")
     gap = (
         "" if official is None else f" ({official - won['select_mean']:+.1f} on the official ones)"
     )
     return (
-        f"mean of generation {kept['generation']}: {won['select_mean']:.1f} ± "
+        f"{describe_finalist(won)}: {won['select_mean']:.1f} ± "
         f"{won['select_std']:.1f} on {kept['episodes']} held-out training-backend tracks{gap}, "
         f"best of {len(kept['finalists'])} finalists"
     )
@@ -214,7 +215,7 @@ def failure_analysis(fig: dict, worst: int = 5) -> str:
     ]
     kept = fig["selection"]
     if kept:
-        won = next(f for f in kept["finalists"] if f["generation"] == kept["generation"])
+        won = kept_finalist(kept)
         lines.append(
             f"- Kept agent on {kept['episodes']} held-out training-backend tracks: "
             f"{won['select_mean']:.1f}; on the official tracks: {ev['mean']:.1f} "

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
 
 from worldmodels.agent import Agent
+from worldmodels.data.latents import load_latents, open_latents
 from worldmodels.evaluators import Evaluator, Played
 from worldmodels.models import controller_param_count
 from worldmodels.search import Checked
@@ -54,22 +57,50 @@ class Venues:
 
 
 H_SIGMA_SCALE = 0.1  # the default std of the weights on h, relative to those on z
+INPUT_STATS_EPISODES = 50  # recorded episodes that measure the inputs' scale
 
 
-def initial_stds(agent: Agent, h_sigma_scale: float = H_SIGMA_SCALE) -> np.ndarray:
+def initial_stds(
+    agent: Agent, h_sigma_scale: float = H_SIGMA_SCALE, rms: np.ndarray | None = None
+) -> np.ndarray:
     """Per-parameter initial std: 1 for z-weights and biases, `h_sigma_scale` for h-weights.
 
     h has eight times z's dims; with one σ for all weights the h-term swamps the z-term and
-    training stalls near its start.
+    training stalls near its start. Given `rms`, the root mean square of each input, a weight's
+    std is divided by its input's rms relative to its group's (z or h), so every input moves
+    the actions by the same amount at the start: a unit of h that barely varies gets steps big
+    enough to matter, one that swings gets smaller ones, and each group's total stays the same.
     """
+    per_input = np.ones(agent.input_dim)
+    z_dim = agent.vae.z_dim
+    per_input[z_dim:] = h_sigma_scale
+    if rms is not None:
+        for group in (slice(0, z_dim), slice(z_dim, agent.input_dim)):
+            if group.start == group.stop:  # --z-only: no h
+                continue
+            part = np.maximum(rms[group], 1e-3)
+            per_input[group] *= np.sqrt(np.mean(part**2)) / part
     n = controller_param_count(agent.input_dim)
     stds = np.ones(n)
-    if not agent.z_only:
-        z_dim = agent.vae.z_dim
-        for row in range(3):
-            start = row * agent.input_dim
-            stds[start + z_dim : start + agent.input_dim] = h_sigma_scale
+    stds[: 3 * agent.input_dim] = np.tile(per_input, 3)
     return stds
+
+
+def input_rms(agent: Agent, latents: Path, episodes: int = INPUT_STATS_EPISODES) -> np.ndarray:
+    """Root mean square of each controller input [z; h] along recorded episodes (h from M run
+    over them), for `initial_stds`."""
+    rows = []
+    with torch.inference_mode():
+        for entry in open_latents(latents, episodes):
+            ep = load_latents(latents / entry.file)
+            z = torch.from_numpy(ep.mu[:-1]).unsqueeze(0)
+            if agent.z_only:
+                rows.append(z[0])
+                continue
+            feats, _ = agent.mdnrnn.lstm(torch.cat([z, torch.from_numpy(ep.actions)[None]], -1))
+            h = torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], dim=1)  # h before t
+            rows.append(torch.cat([z, h], dim=-1)[0])
+    return torch.cat(rows).pow(2).mean(0).sqrt().numpy()
 
 
 def rollouts_at(sigma: float, sigma0: float, rollouts: int, max_rollouts: int) -> int:
@@ -117,36 +148,49 @@ def check_mean(
 
 
 def select_mean(
-    evaluator: Evaluator, checked: list[Checked], top: int, episodes: int, steps: int
+    evaluator: Evaluator,
+    checked: list[Checked],
+    top: int,
+    episodes: int,
+    steps: int,
+    centroid: bool = False,
 ) -> dict:
-    """The checked mean that plays best on fresh held-out tracks, among the `top` best checks.
+    """The checked mean that plays best on fresh held-out tracks, among the `top` best checks
+    (and, with `centroid`, their average as one more finalist).
 
     The mean wanders as training goes on (its check swings by hundreds of points over the last
     generations of a run), so the last one is a lottery ticket. The finalists are ranked by
     tracks that played no part in picking them, so the winner's score is not inflated by the
-    luck that made it a finalist.
+    luck that made it a finalist. Their average cancels part of that wander, as averaging the
+    weights along a run does for networks trained by gradient descent.
     """
     finalists = sorted(checked, key=lambda c: c.check_mean, reverse=True)[:top]
+    entries = [{"generation": f.generation, "search": f.search, "check_mean": f.check_mean}
+               for f in finalists]  # fmt: skip
+    vectors = [f.vector for f in finalists]
+    if centroid and len(finalists) > 1:
+        entries.append(
+            {
+                "generation": max(f.generation for f in finalists),
+                "search": finalists[0].search,
+                "check_mean": None,
+                "centroid_of": [f.generation for f in finalists],
+            }
+        )
+        vectors.append(np.mean(vectors, axis=0))
     seeds = [SELECT_SEED_BASE + i for i in range(episodes)]
-    vectors = np.stack([f.vector for f in finalists])
     returns = evaluator.play(
-        np.repeat(vectors, len(seeds), axis=0), seeds * len(finalists), 0, steps
+        np.repeat(np.stack(vectors), len(seeds), axis=0), seeds * len(vectors), 0, steps
     )
-    scores = returns.returns.reshape(len(finalists), len(seeds))
+    scores = returns.returns.reshape(len(vectors), len(seeds))
     winner = int(scores.mean(axis=1).argmax())
+    for entry, score in zip(entries, scores):
+        entry |= {"select_mean": float(score.mean()), "select_std": float(score.std())}
     return {
-        "generation": finalists[winner].generation,
+        "generation": entries[winner]["generation"],
+        "winner": winner,
         "episodes": len(seeds),
         "seeds": [seeds[0], seeds[-1]],
-        "finalists": [
-            {
-                "generation": f.generation,
-                "search": f.search,
-                "check_mean": f.check_mean,
-                "select_mean": float(score.mean()),
-                "select_std": float(score.std()),
-            }
-            for f, score in zip(finalists, scores)
-        ],
-        "vector": finalists[winner].vector,
+        "finalists": entries,
+        "vector": vectors[winner],
     }

@@ -191,3 +191,21 @@ class SearchState:
                 "rerun with --force to start over"
             )
         return state
+
+
+# --- the final selection's record (selection.json) ----------------------------------------
+
+
+def kept_finalist(selection: dict) -> dict:
+    """The finalist a selection kept (files written before the centroid name it by generation)."""
+    if "winner" in selection:
+        return selection["finalists"][selection["winner"]]
+    return next(f for f in selection["finalists"] if f["generation"] == selection["generation"])
+
+
+def describe_finalist(finalist: dict) -> str:
+    """How logs and the report name a finalist: a checked mean, or the average of several."""
+    if "centroid_of" in finalist:
+        generations = ", ".join(str(g) for g in finalist["centroid_of"])
+        return f"the average of the means of generations {generations}"
+    return f"the mean of generation {finalist['generation']}"

@@ -44,11 +44,18 @@ from worldmodels.scoring import (
     check_mean,
     evaluate_candidates,
     initial_stds,
+    input_rms,
     rollouts_at,
     select_mean,
     training_tracks,
 )
-from worldmodels.search import Checked, SearchSettings, SearchState
+from worldmodels.search import (
+    Checked,
+    SearchSettings,
+    SearchState,
+    describe_finalist,
+    kept_finalist,
+)
 from worldmodels.seeds import require_within
 
 ES_STATE = "es_state.json"
@@ -96,6 +103,11 @@ class TrainControllerConfig(Config):
     )
     h_sigma_scale: float = option(
         H_SIGMA_SCALE, "initial std of the weights on h relative to those on z"
+    )
+    scale_inputs: bool = option(
+        False,
+        "divide each weight's initial std by its input's root mean square on the recorded "
+        "episodes (within z and within h), so every input moves the actions alike at the start",
     )
     max_steps: int = option(
         MAX_EPISODE_STEPS,
@@ -167,6 +179,11 @@ class TrainControllerConfig(Config):
         low=0,
     )
     select_episodes: int = option(24, "episodes per finalist in that final selection")
+    select_centroid: bool = option(
+        False,
+        "add the average of those finalists to them: it cancels part of the mean's wander "
+        "between checks, and wins only if it plays best on the same fresh tracks",
+    )
     time_budget_min: float = option(
         0.0, "stop after this many minutes, the final selection included (0 = no limit)", low=0
     )
@@ -214,7 +231,8 @@ class TrainControllerConfig(Config):
 
 
 def _settings(cfg: TrainControllerConfig, agent: Agent) -> SearchSettings:
-    stds = initial_stds(agent, cfg.h_sigma_scale)
+    rms = input_rms(agent, RunDir(cfg.run_dir).latents) if cfg.scale_inputs else None
+    stds = initial_stds(agent, cfg.h_sigma_scale, rms)
     return SearchSettings(
         stds, cfg.sigma0, cfg.population, cfg.diagonal, cfg.seed, cfg.searches, cfg.mirrors
     )
@@ -257,7 +275,8 @@ def _out_of_time(cfg: TrainControllerConfig, state: SearchState) -> bool:
     """Whether another generation would leave too little of the budget for the selection."""
     if not cfg.time_budget_min:
         return False
-    reserve = cfg.select_top * cfg.select_episodes * state.check_s_per_episode
+    finalists = cfg.select_top + (cfg.select_centroid and cfg.select_top > 1)
+    reserve = finalists * cfg.select_episodes * state.check_s_per_episode
     return state.elapsed + reserve >= cfg.time_budget_min * 60
 
 
@@ -314,7 +333,12 @@ def _generation(
 def _select(cfg: TrainControllerConfig, state: SearchState, evaluator: Evaluator) -> dict:
     started = time.perf_counter()
     choice = select_mean(
-        evaluator, state.checked, cfg.select_top, cfg.select_episodes, cfg.check_steps
+        evaluator,
+        state.checked,
+        cfg.select_top,
+        cfg.select_episodes,
+        cfg.check_steps,
+        cfg.select_centroid,
     )
     state.elapsed += time.perf_counter() - started
     return choice
@@ -322,17 +346,20 @@ def _select(cfg: TrainControllerConfig, state: SearchState, evaluator: Evaluator
 
 def _save_selection(folder: Path, choice: dict, agent: Agent, sources: dict) -> None:
     summary = {k: v for k, v in choice.items() if k != "vector"}
-    save_controller(
-        folder, choice["vector"], agent, {**sources, "generation": choice["generation"]}
-    )
+    kept = kept_finalist(summary)
+    save_controller(folder, choice["vector"], agent, {**sources, **_kept_meta(kept)})
     atomic_write_text(folder / SELECTION, json.dumps(summary, indent=2) + "\n")
-    best = max(summary["finalists"], key=lambda f: f["select_mean"])
     log(
-        f"train-controller: kept the mean of generation {choice['generation']}: "
-        f"{best['select_mean']:.0f} ± {best['select_std']:.0f} on {choice['episodes']} "
-        f"fresh held-out tracks (finalists: generations "
-        f"{', '.join(str(f['generation']) for f in summary['finalists'])})"
+        f"train-controller: kept {describe_finalist(kept)}: "
+        f"{kept['select_mean']:.0f} ± {kept['select_std']:.0f} on {choice['episodes']} "
+        f"fresh held-out tracks (finalists: "
+        f"{', '.join(describe_finalist(f) for f in summary['finalists'])})"
     )
+
+
+def _kept_meta(kept: dict) -> dict:
+    meta = {"generation": kept["generation"]}
+    return meta | ({"centroid_of": kept["centroid_of"]} if "centroid_of" in kept else {})
 
 
 def run(cfg: TrainControllerConfig) -> Path:
