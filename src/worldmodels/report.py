@@ -154,9 +154,7 @@ def _kept_cell(fig: dict) -> str:
         return "the last CMA-ES mean" if fig["generations"] else "—"
     won = kept_finalist(kept)
     official = fig["eval"].get("mean")
-    gap = (
-        "" if official is None else f" ({official - won['select_mean']:+.1f} on the official ones)"
-    )
+    gap = f" ({official - won['select_mean']:+.1f} on the official ones)" if official else ""
     return (
         f"{describe_finalist(won)}: {won['select_mean']:.1f} ± "
         f"{won['select_std']:.1f} on {kept['episodes']} held-out training-backend tracks{gap}, "
@@ -283,8 +281,7 @@ def find_images(layout: RunDir) -> dict[str, Path]:
     }
     images = {k: p for k, p in candidates.items() if p.exists()}
     for key in ("best", "worst"):
-        found = sorted(layout.eval.glob(f"{key}_seed*.gif"))
-        if found:
+        if found := sorted(layout.eval.glob(f"{key}_seed*.gif")):
             images[key] = found[0]
     return images
 
