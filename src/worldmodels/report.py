@@ -152,9 +152,10 @@ def _kept_cell(fig: dict) -> str:
     kept = fig["selection"]
     if not kept:
         return "the last CMA-ES mean" if fig["generations"] else "—"
-    won = kept_finalist(kept)
-    official = fig["eval"].get("mean")
-    gap = f" ({official - won['select_mean']:+.1f} on the official ones)" if official else ""
+    won, official = kept_finalist(kept), fig["eval"].get("mean")
+    gap = (
+        "" if official is None else f" ({official - won['select_mean']:+.1f} on the official ones)"
+    )
     return (
         f"{describe_finalist(won)}: {won['select_mean']:.1f} ± "
         f"{won['select_std']:.1f} on {kept['episodes']} held-out training-backend tracks{gap}, "
@@ -211,8 +212,7 @@ def failure_analysis(fig: dict, worst: int = 5) -> str:
         "on average",
         f"- Tracks below 600: {ev['fraction_below_600']:.0%}",
     ]
-    kept = fig["selection"]
-    if kept:
+    if kept := fig["selection"]:
         won = kept_finalist(kept)
         lines.append(
             f"- Kept agent on {kept['episodes']} held-out training-backend tracks: "
