@@ -72,6 +72,9 @@ def test_evaluate_an_agent_folder_writes_beside_not_into_it(trained_run, tmp_pat
     source = json.loads((RunDir(trained_run).eval / "eval.json").read_text())
     assert [e["return"] for e in mine["episodes"]] == [e["return"] for e in source["episodes"]]
     assert mine["protocol"]["agent"] == str(out) and not (out / "eval").exists()
+    # only the run's own evaluation vouches for what it ran on: the agent folder's is not a run's
+    assert (RunDir(trained_run).eval / "inputs.json").exists()
+    assert not (results / "eval" / "inputs.json").exists()
 
 
 def test_pretrained_and_agent_flags_fail_in_one_line(trained_run, tmp_path, capsys, monkeypatch):

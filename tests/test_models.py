@@ -172,9 +172,11 @@ def test_mdnrnn_sequence_equals_step_by_step():
     a = torch.randn(b, t, 3)
     with torch.no_grad():
         seq, (h_seq, c_seq) = model(z, a)
+        before = model.states_before(z, a)
         h, c = torch.zeros(b, 16), torch.zeros(b, 16)
         steps = []
         for i in range(t):  # the one way acting and dreaming step M
+            torch.testing.assert_close(before[:, i], h, atol=1e-5, rtol=0)  # what C reads at i
             h, c = model.advance(z[:, i], a[:, i], h, c)
             steps.append(model.predict(h))
 

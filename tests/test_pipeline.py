@@ -19,8 +19,10 @@ from worldmodels.artifacts import load_mdnrnn, load_vae, load_world_model
 from worldmodels.cli import main
 from worldmodels.data import open_episodes
 from worldmodels.data.latents import open_latents
+from worldmodels.data.manifest import read_manifest
 from worldmodels.layout import RunDir
 from worldmodels.metrics import read_metrics
+from worldmodels.pipeline import stages
 from worldmodels.provenance import input_sums, stale_stages
 
 pytestmark = pytest.mark.slow  # the whole pipeline, several times
@@ -44,15 +46,7 @@ def _run(run_dir, *extra) -> int:
 
 def _outputs(layout: RunDir) -> dict:
     """The file each stage finishes with, and its modification time."""
-    paths = {
-        "collect": layout.episodes / "manifest.jsonl",
-        "vae": layout.vae / "model.safetensors",
-        "encode": layout.latents / "manifest.jsonl",
-        "mdnrnn": layout.mdnrnn / "model.safetensors",
-        "dream": layout.dream / "dream.gif",
-        "controller": layout.controller / "model.safetensors",
-        "evaluate": layout.eval / "eval.json",
-    }
+    paths = {stage.key: layout.root / stage.output for stage in stages() if stage.output}
     return {k: p.stat().st_mtime_ns for k, p in paths.items() if p.exists()}
 
 
@@ -220,7 +214,41 @@ def test_kill_9_mid_run_then_rerun_finishes_without_redoing_stages(tmp_path):
     assert _run(tmp_path) == 0
     after = _outputs(RunDir(tmp_path))
     assert all(after[k] == before[k] for k in finished)
-    assert set(after) == {"collect", "vae", "encode", "mdnrnn", "dream", "controller", "evaluate"}
+    assert set(after) == set(STAGES) - {"report"}
+
+
+def test_a_round_drives_the_runs_agent_and_trains_m_and_c_again_in_a_new_run_dir(
+    smoke_run, tmp_path, capsys
+):
+    """`round`: the old run is only read; the new run dir holds the old episodes and the agent's
+    new ones on the next tracks, the same V, an M and a C trained again with the old settings;
+    a rerun redoes nothing, and `run` refuses the round's dir in one line."""
+    files = sorted(p for p in smoke_run.rglob("*") if p.is_file())
+    untouched = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in files}
+    out = tmp_path / "round"
+    argv = ["round", "--run-dir", str(smoke_run), "--out", str(out), "--episodes", "2"]
+    assert main(argv) == 0
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in files} == untouched
+    old, new = RunDir(smoke_run), RunDir(out)
+    before, after = read_manifest(old.episodes), read_manifest(new.episodes)
+    assert after[: len(before)] == before
+    added = after[len(before) :]
+    assert [(e.index, e.seed) for e in added] == [(6, 6), (7, 7)]  # episode i plays track seed+i
+    driven = json.loads((out / "onpolicy" / "data" / "config.json").read_text())
+    assert driven["policy"] == "agent" and driven["agent"] == str(smoke_run.resolve())
+    assert [e.index for e in read_manifest(new.latents)] == [e.index for e in after]
+    weights = "model.safetensors"
+    assert (new.vae / weights).read_bytes() == (old.vae / weights).read_bytes()
+    assert (new.mdnrnn / weights).read_bytes() != (old.mdnrnn / weights).read_bytes()
+    kept = json.loads((old.controller / "config.json").read_text())
+    assert json.loads((new.controller / "config.json").read_text()) == kept | {"run_dir": str(out)}
+    assert (new.eval / "eval.json").exists() and (out / "report.md").exists()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().err.count("already done, skipped") == 5
+    assert _run(out) == 2 and main(["round", "--run-dir", str(tmp_path / "none")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "is a round's run dir" in lines[0] and "no trained controller" in lines[1]
 
 
 def test_run_seed_reaches_every_seeded_stage_but_never_the_evaluation_tracks():

@@ -30,7 +30,7 @@ class Command:
 def _commands() -> list[Command]:
     """`run`, then every pipeline stage (the list lives once, in `pipeline.stages`), then the
     commands outside the pipeline."""
-    from worldmodels import bench, check, pipeline
+    from worldmodels import bench, check, pipeline, rounds
     from worldmodels.stages import export, play
 
     return [
@@ -48,6 +48,14 @@ def _commands() -> list[Command]:
             check.run,
         ),
         *(Command(s.command, s.help, s.config, s.execute) for s in pipeline.stages()),
+        Command(
+            "round",
+            "one round of iterative training: the run's agent collects, then M and C train again "
+            "in a new run dir",
+            None,
+            rounds.run_from_args,
+            rounds.add_arguments,
+        ),
         Command(
             "play",
             "watch the agent drive live: real frame, V's reconstruction, return so far",

@@ -141,13 +141,14 @@ def add_config_arguments(
 
 
 def config_from_args(
-    cls: type[T], args: argparse.Namespace, prefix: str = "", base: T | None = None
+    cls: type[T], args: argparse.Namespace | None, prefix: str = "", base: T | None = None
 ) -> T:
-    """Build a config: fields given on the command line override `base` (or the defaults)."""
+    """Build a config: fields given on the command line (if any) override `base` (or the
+    defaults)."""
     given = {
         field.name: getattr(args, prefix + field.name)
         for field in dataclasses.fields(cls)
-        if hasattr(args, prefix + field.name)
+        if args is not None and hasattr(args, prefix + field.name)
     }
     start = base if base is not None else cls()
     return dataclasses.replace(start, **given)

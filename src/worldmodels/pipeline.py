@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +29,8 @@ from worldmodels.errors import UserError
 from worldmodels.io import atomic_write_text
 from worldmodels.layout import run_lock, writable_dir
 from worldmodels.presets import presets
-from worldmodels.progress import log
-from worldmodels.provenance import changed_inputs, input_sums, output_problem, record_inputs
 from worldmodels.seeds import COLLECT_TRACKS_PER_RUN_SEED
+from worldmodels.stage_plan import Stage, load_record, run_stages
 
 
 @dataclass
@@ -54,33 +51,6 @@ class RunConfig:
 
     def root(self) -> Path:
         return self.run_dir if self.run_dir is not None else Path("runs") / self.preset
-
-
-@dataclass(frozen=True)
-class Stage:
-    key: str  # flag prefix and run.json key
-    command: str
-    config: type
-    run: Callable[[Any], Any]
-    inputs: tuple[str, ...] = ()  # files (relative to the run dir) that vouch for its inputs
-    output: str = ""  # the file it finishes with: a finished stage missing it runs again
-    help: str = ""  # its command's one-line help (the CLI's stage commands are these stages)
-
-    def execute(self, cfg: Any) -> Any:
-        """Run the stage, then record beside its output the inputs it ran on, so that `run`
-        and the report can tell, whoever started it, whether it is still up to date."""
-        sums = input_sums(cfg.run_dir, self.inputs)  # as they were when it started
-        result = self.run(cfg)
-        if self.inputs and self.output and _reads_and_writes_its_run_dir(cfg):
-            record_inputs(cfg.run_dir, self.output, self.command, sums)
-        return result
-
-
-def _reads_and_writes_its_run_dir(cfg: Any) -> bool:
-    """False for a stage pointed at an exported agent or writing elsewhere (`--agent`,
-    `--pretrained`, `--out`): the run dir's files are then not what it ran on or wrote."""
-    elsewhere = getattr(cfg, "agent", None), getattr(cfg, "out", None)
-    return elsewhere == (None, None) and not getattr(cfg, "pretrained", False)
 
 
 # What vouches for each stage's inputs: the manifests (one checksum per file) and the model.json
@@ -192,7 +162,12 @@ def stages() -> list[Stage]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, RunConfig)
-    for stage in stages():
+    add_stage_arguments(parser, stages())
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser, chosen: list[Stage]) -> None:
+    """One `--<stage>.<field>` flag per setting of each chosen stage (its run dir is the run's)."""
+    for stage in chosen:
         add_config_arguments(parser, stage.config, prefix=f"{stage.key}.", skip=("run_dir",))
 
 
@@ -215,19 +190,9 @@ def stage_config(stage: Stage, cfg: RunConfig, args: argparse.Namespace | None) 
         changes["force"] = True
     if stage.key in SEEDED_BY_RUN and "seed" in fields:
         changes["seed"] = stage_seed(stage.key, cfg.seed)
-    base = dataclasses.replace(preset, **changes)
-    return config_from_args(stage.config, args, prefix=f"{stage.key}.", base=base) if args else base
-
-
-def _load_record(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _clock(seconds: float) -> str:
-    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+    return config_from_args(
+        stage.config, args, f"{stage.key}.", dataclasses.replace(preset, **changes)
+    )
 
 
 def run_pipeline(cfg: RunConfig, args: argparse.Namespace | None = None) -> Path:
@@ -242,7 +207,9 @@ def run_pipeline(cfg: RunConfig, args: argparse.Namespace | None = None) -> Path
 
 def _run_plan(cfg: RunConfig, root: Path, args: argparse.Namespace | None) -> None:
     record_path = root / "run.json"
-    record = {} if cfg.force else _load_record(record_path)
+    if "round" in load_record(record_path):
+        raise UserError(f"{root} is a round's run dir: rerun `worldmodels round` to resume it")
+    record = {} if cfg.force else load_record(record_path)
     if record.get("preset") not in (None, cfg.preset):
         raise UserError(
             f"{root} holds a {record['preset']!r} run: use --preset {record['preset']} or another --run-dir"
@@ -258,42 +225,7 @@ def _run_plan(cfg: RunConfig, root: Path, args: argparse.Namespace | None) -> No
         root / "resolved_config.json",
         json.dumps({s.key: to_jsonable(c) for s, c in plan}, indent=2) + "\n",
     )
-    expected = presets()[cfg.preset].expected_min
-    started = time.perf_counter()
-    for k, (stage, stage_cfg) in enumerate(plan, 1):
-        settings = to_jsonable(stage_cfg)
-        settings.pop("force", None)
-        settings.pop("run_dir", None)  # a moved or copied run dir is the same run
-        done = record["stages"].get(stage.key, {})
-        elapsed = time.perf_counter() - started
-        left = sum(expected.get(s.key, 0) for s, _ in plan[k - 1 :])
-        eta = f", about {left:.0f} min left" if left else ""
-        stale = done.get("done") and bool(changed_inputs(root, stage.output, stage.command))
-        same = done.get("done") and done.get("config") == settings and not stale
-        damage = output_problem(root / stage.output) if same and stage.output else None
-        if same and stage.output and not damage:
-            log(f"[{k}/{len(plan)}] {stage.command}: already done, skipped")
-            continue
-        if damage:
-            log(
-                f"[{k}/{len(plan)}] {stage.command}: its output is damaged ({damage}): running again"
-            )
-        if stale:
-            log(
-                f"[{k}/{len(plan)}] {stage.command}: its inputs changed since it ran: starting over"
-            )
-            if hasattr(stage_cfg, "force"):
-                stage_cfg = dataclasses.replace(stage_cfg, force=True)
-        log(f"[{k}/{len(plan)}] {stage.command} (elapsed {_clock(elapsed)}{eta})")
-        stage_started = time.perf_counter()
-        stage.execute(stage_cfg)
-        wall = time.perf_counter() - stage_started
-        record["stages"][stage.key] = {"done": True, "config": settings, "wall_s": round(wall, 1)}
-        atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
-    from worldmodels import report
-
-    report.run(report.ReportConfig(run_dir=root))  # again, now that every timing is recorded
-    log(f"run: finished in {_clock(time.perf_counter() - started)}; report at {root / 'report.md'}")
+    run_stages(root, plan, record, presets()[cfg.preset].expected_min)
 
 
 def run_from_args(args: argparse.Namespace) -> Path:

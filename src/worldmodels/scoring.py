@@ -97,8 +97,7 @@ def input_rms(agent: Agent, latents: Path, episodes: int = INPUT_STATS_EPISODES)
             if agent.z_only:
                 rows.append(z[0])
                 continue
-            feats, _ = agent.mdnrnn.lstm(torch.cat([z, torch.from_numpy(ep.actions)[None]], -1))
-            h = torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], dim=1)  # h before t
+            h = agent.mdnrnn.states_before(z, torch.from_numpy(ep.actions)[None])
             rows.append(torch.cat([z, h], dim=-1)[0])
     return torch.cat(rows).pow(2).mean(0).sqrt().numpy()
 
@@ -147,6 +146,11 @@ def check_mean(
     return float(returns.mean()), float(returns.std())
 
 
+def adds_centroid(finalists: int, centroid: bool) -> bool:
+    """Whether a selection among `finalists` also plays their average (one finalist has none)."""
+    return centroid and finalists > 1
+
+
 def select_mean(
     evaluator: Evaluator,
     checked: list[Checked],
@@ -168,7 +172,7 @@ def select_mean(
     entries = [{"generation": f.generation, "search": f.search, "check_mean": f.check_mean}
                for f in finalists]  # fmt: skip
     vectors = [f.vector for f in finalists]
-    if centroid and len(finalists) > 1:
+    if adds_centroid(len(finalists), centroid):
         entries.append(
             {
                 "generation": max(f.generation for f in finalists),

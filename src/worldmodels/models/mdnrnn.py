@@ -51,9 +51,14 @@ class MDNRNN(nn.Module):
         The same code path serves training on whole sequences and stepping with T=1 (passing the
         state back in), so the dream and the controller rollouts see exactly the trained model.
         """
-        x = torch.cat([z, action], dim=-1)
-        feats, state = self.lstm(x, state)
+        feats, state = self.lstm(torch.cat([z, action], dim=-1), state)
         return self._split_head(self.head(feats)), state
+
+    def states_before(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """The hidden state h_t the controller reads at each step t of a recorded sequence
+        z (B, T, Z), action (B, T, A) -> (B, T, H): zeros at t = 0, then h after step t-1."""
+        feats, _ = self.lstm(torch.cat([z, action], dim=-1))
+        return torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], dim=1)
 
     def advance(
         self, z: torch.Tensor, action: torch.Tensor, h: torch.Tensor, c: torch.Tensor

@@ -87,6 +87,10 @@ class EvaluateConfig(Config):
     def written_dir(self) -> Path:
         return results_dir(self.run_dir, agent_root(self.agent, self.pretrained) or self.run_dir)
 
+    def on_own_run(self) -> bool:
+        """Whether it reads the run dir's own models and writes there (not an exported agent's)."""
+        return agent_root(self.agent, self.pretrained) is None
+
 
 def summarize(returns: np.ndarray) -> dict:
     n = len(returns)

@@ -41,6 +41,7 @@ from worldmodels.scoring import (
     TRAIN_SEED_BASE,
     Evaluator,
     Venues,
+    adds_centroid,
     check_mean,
     evaluate_candidates,
     initial_stds,
@@ -275,7 +276,7 @@ def _out_of_time(cfg: TrainControllerConfig, state: SearchState) -> bool:
     """Whether another generation would leave too little of the budget for the selection."""
     if not cfg.time_budget_min:
         return False
-    finalists = cfg.select_top + (cfg.select_centroid and cfg.select_top > 1)
+    finalists = cfg.select_top + adds_centroid(cfg.select_top, cfg.select_centroid)
     reserve = finalists * cfg.select_episodes * state.check_s_per_episode
     return state.elapsed + reserve >= cfg.time_budget_min * 60
 

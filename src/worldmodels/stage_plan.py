@@ -1,0 +1,94 @@
+"""Running a plan of stages: each one skipped when it is done, its inputs unchanged and its
+output whole, and run (or started over) otherwise. `run` plans the whole pipeline, `round` the
+stages a round of iterative training redoes; both record their progress in `<run-dir>/run.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worldmodels.config import to_jsonable
+from worldmodels.io import atomic_write_text
+from worldmodels.progress import log
+from worldmodels.provenance import changed_inputs, input_sums, output_problem, record_inputs
+
+
+@dataclass(frozen=True)
+class Stage:
+    key: str  # flag prefix and run.json key
+    command: str
+    config: type
+    run: Callable[[Any], Any]
+    inputs: tuple[str, ...] = ()  # files (relative to the run dir) that vouch for its inputs
+    output: str = ""  # the file it finishes with: a finished stage missing it runs again
+    help: str = ""  # its command's one-line help (the CLI's stage commands are these stages)
+
+    def execute(self, cfg: Any) -> Any:
+        """Run the stage, then record beside its output the inputs it ran on, so that `run`
+        and the report can tell, whoever started it, whether it is still up to date."""
+        sums = input_sums(cfg.run_dir, self.inputs)  # as they were when it started
+        result = self.run(cfg)
+        on_own_run = getattr(cfg, "on_own_run", None)  # False: an exported agent's, or --out
+        if self.inputs and self.output and (on_own_run is None or on_own_run()):
+            record_inputs(cfg.run_dir, self.output, self.command, sums)
+        return result
+
+
+def load_record(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def run_stages(root: Path, plan: list[tuple[Stage, Any]], record: dict, expected: dict) -> None:
+    """Run the stages of `plan` in order, skipping each one `record` (root/run.json) shows done
+    with the same settings, its inputs unchanged and its output whole; then the report.
+    `expected` holds each stage's usual minutes, for the "time left" estimate."""
+    record_path = root / "run.json"
+    record.setdefault("stages", {})
+    started = time.perf_counter()
+    for k, (stage, stage_cfg) in enumerate(plan, 1):
+        settings = to_jsonable(stage_cfg)
+        settings.pop("force", None)
+        settings.pop("run_dir", None)  # a moved or copied run dir is the same run
+        done = record["stages"].get(stage.key, {})
+        elapsed = time.perf_counter() - started
+        left = sum(expected.get(s.key, 0) for s, _ in plan[k - 1 :])
+        eta = f", about {left:.0f} min left" if left else ""
+        stale = done.get("done") and bool(changed_inputs(root, stage.output, stage.command))
+        same = done.get("done") and done.get("config") == settings and not stale
+        damage = output_problem(root / stage.output) if same and stage.output else None
+        if same and stage.output and not damage:
+            log(f"[{k}/{len(plan)}] {stage.command}: already done, skipped")
+            continue
+        if damage:
+            log(
+                f"[{k}/{len(plan)}] {stage.command}: its output is damaged ({damage}): running again"
+            )
+        if stale:
+            log(
+                f"[{k}/{len(plan)}] {stage.command}: its inputs changed since it ran: starting over"
+            )
+            if hasattr(stage_cfg, "force"):
+                stage_cfg = dataclasses.replace(stage_cfg, force=True)
+        log(f"[{k}/{len(plan)}] {stage.command} (elapsed {_clock(elapsed)}{eta})")
+        stage_started = time.perf_counter()
+        stage.execute(stage_cfg)
+        wall = time.perf_counter() - stage_started
+        record["stages"][stage.key] = {"done": True, "config": settings, "wall_s": round(wall, 1)}
+        atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+    from worldmodels import report
+
+    report.run(report.ReportConfig(run_dir=root))  # again, now that every timing is recorded
+    log(f"run: finished in {_clock(time.perf_counter() - started)}; report at {root / 'report.md'}")
