@@ -242,7 +242,11 @@ def test_a_round_drives_the_runs_agent_and_trains_m_and_c_again_in_a_new_run_dir
     assert (new.mdnrnn / weights).read_bytes() != (old.mdnrnn / weights).read_bytes()
     kept = json.loads((old.controller / "config.json").read_text())
     assert json.loads((new.controller / "config.json").read_text()) == kept | {"run_dir": str(out)}
-    assert (new.eval / "eval.json").exists() and (out / "report.md").exists()
+    assert (new.eval / "eval.json").exists()
+    assert (
+        f"A round after `{smoke_run.resolve()}`: its 6 episodes and 2"
+        in (out / "report.md").read_text()
+    )
     capsys.readouterr()
     assert main(argv) == 0
     assert capsys.readouterr().err.count("already done, skipped") == 5

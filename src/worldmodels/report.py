@@ -41,11 +41,9 @@ def _json(path: Path) -> dict | None:
 
 
 def _fmt(value, digits: int = 1) -> str:
-    if value is None:
-        return "—"
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
-    return str(value)
+    return "—" if value is None else str(value)
 
 
 def _plot_curves(layout: RunDir, out: Path) -> Path | None:
@@ -83,6 +81,7 @@ def collect_figures(layout: RunDir) -> dict:
         "stages": run_meta.get("stages", {}),
         "rates": stage_rates(layout, evaluation),
         "preset": run_meta.get("preset"),
+        "round": run_meta.get("round"),
     }
 
 
@@ -170,19 +169,12 @@ def _mean_of(rows: list[dict], key: str) -> float | None:
 
 def stage_rates(layout: RunDir, evaluation: dict) -> dict[str, str]:
     """A throughput per stage, from what each stage logged."""
-    rates = {}
     vae = _mean_of(read_metrics(layout.vae / "metrics.jsonl"), "img_per_s")
     mdn = _mean_of(read_metrics(layout.mdnrnn / "metrics.jsonl")[1:], "seq_per_s")
     ctrl = _mean_of(read_metrics(layout.controller / "metrics.jsonl"), "steps_per_s")
-    if vae:
-        rates["vae"] = f"{vae:,.0f} img/s"
-    if mdn:
-        rates["mdnrnn"] = f"{mdn:,.0f} seq/s"
-    if ctrl:
-        rates["controller"] = f"{ctrl:,.0f} env steps/s"
-    if evaluation:
-        rates["evaluate"] = f"{evaluation['steps_per_s']:,.0f} env steps/s"
-    return rates
+    units = {"vae": (vae, "img/s"), "mdnrnn": (mdn, "seq/s"), "controller": (ctrl, "env steps/s")}
+    units["evaluate"] = (evaluation.get("steps_per_s"), "env steps/s")
+    return {key: f"{rate:,.0f} {unit}" for key, (rate, unit) in units.items() if rate}
 
 
 def stage_table(stages: dict, rates: dict[str, str]) -> str:
@@ -233,8 +225,7 @@ def failure_analysis(fig: dict, worst: int = 5) -> str:
 
 
 def stale_warning(root: Path) -> list[str]:
-    """A stage whose inputs changed after it ran (say V retrained on its own) shows results
-    that no longer follow from the files upstream: say so before the tables."""
+    """Stages whose inputs changed after they ran (V retrained, say): their results are stale."""
     stale = stale_stages(root)
     if not stale:
         return []
@@ -246,10 +237,19 @@ def stale_warning(root: Path) -> list[str]:
     ]
 
 
+def _round_line(meta: dict | None) -> str:
+    if not meta:
+        return ""
+    return (
+        f" A round after `{meta['from']}`: its {meta['episodes_before']} episodes and "
+        f"{meta['episodes']} its agent drove (noise {meta['agent_noise']}); its V; M, C trained again."
+    )
+
+
 def build_markdown(layout: RunDir, fig: dict, images: dict[str, Path]) -> str:
     parts = [f"# World Models run: `{layout.root}`", ""]
     if fig["preset"]:
-        parts += [f"Preset: `{fig['preset']}`.", ""]
+        parts += [f"Preset: `{fig['preset']}`." + _round_line(fig["round"]), ""]
     parts += stale_warning(layout.root)
     parts += ["## Results", "", results_table(fig), ""]
     parts += ["## How the laps ended", "", failure_analysis(fig), ""]

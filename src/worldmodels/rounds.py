@@ -100,7 +100,7 @@ def run_round(cfg: RoundConfig, args: argparse.Namespace | None = None) -> Path:
         atomic_write_text(root / "run.json", json.dumps(record, indent=2) + "\n")
         log(f"round: {first} episodes shared from {source.root}; its agent drives {cfg.episodes}")
         collected = _collect_on_policy(cfg, source, root, first)
-        _merge(collected, RunDir(root).episodes, first)
+        _list_into(collected, RunDir(root).episodes, read_manifest(collected), first)
         run_stages(root, plan, record, {})
     return root
 
@@ -124,27 +124,29 @@ def _share_old_run(source: RunDir, layout: RunDir) -> int:
     """Give the round the old run's episodes, latents and V (hard links where the disk allows:
     nothing is copied twice, and the old run stays as it was); return how many episodes."""
     entries = read_manifest(source.episodes)
-    if not entries:
-        raise UserError(f"{source.episodes} holds no episodes: finish that run first")
-    writable_dir(layout.data)
-    shutil.copy2(source.data / "config.json", layout.data / "config.json")
-    _link_listed(source.episodes, writable_dir(layout.episodes), entries)
-    _link_listed(source.latents, writable_dir(layout.latents), read_manifest(source.latents))
-    for name in ("vae.json",):
-        if (source.latents / name).exists():
-            shutil.copy2(source.latents / name, layout.latents / name)
+    if not entries or not (source.vae / "model.json").exists():
+        raise UserError(f"{source.root} has no episodes or no V: finish that run first")
+    _list_into(source.episodes, writable_dir(layout.episodes), entries)
+    _list_into(source.latents, writable_dir(layout.latents), read_manifest(source.latents))
     writable_dir(layout.vae)
-    for name in ("model.safetensors", "model.json", "config.json"):  # not inputs.json: V did
-        shutil.copy2(source.vae / name, layout.vae / name)  # not see the new episodes
+    copied = [source.data / "config.json", source.latents / "vae.json"]  # what they are
+    copied += [source.vae / name for name in ("model.safetensors", "model.json", "config.json")]
+    for path in copied:  # not V's inputs.json: V did not see the new episodes
+        if path.exists():
+            shutil.copy2(path, layout.root / path.relative_to(source.root))
     return max(e.index for e in entries) + 1
 
 
-def _link_listed(source: Path, folder: Path, entries: list[ManifestEntry]) -> None:
+def _list_into(source: Path, folder: Path, entries: list[ManifestEntry], first: int = 0) -> None:
+    """Give `folder` the listed files of `source` as its episodes first, first + 1, ... (each
+    listed in its manifest once its file is in place), skipping those it already has."""
     present = {e.index for e in read_manifest(folder)}
     for entry in entries:
-        if entry.index not in present:
-            _link(source / entry.file, folder / entry.file)
-            append_manifest(folder, entry)
+        index = first + entry.index
+        if index not in present:
+            name = episode_file_name(index)
+            _link(source / entry.file, folder / name)
+            append_manifest(folder, dataclasses.replace(entry, index=index, file=name))
 
 
 def _link(source: Path, target: Path) -> None:
@@ -174,17 +176,6 @@ def _collect_on_policy(cfg: RoundConfig, source: RunDir, root: Path, first: int)
         workers=cfg.workers,
     )
     return collect(collect_cfg)
-
-
-def _merge(collected: Path, episodes: Path, first: int) -> None:
-    """List the on-policy episodes in the round's episodes, numbered after the old ones."""
-    present = {e.index for e in read_manifest(episodes)}
-    for entry in read_manifest(collected):
-        index = first + entry.index
-        if index not in present:
-            name = episode_file_name(index)
-            _link(collected / entry.file, episodes / name)
-            append_manifest(episodes, dataclasses.replace(entry, index=index, file=name))
 
 
 def _round_meta(cfg: RoundConfig, source: RunDir, first: int) -> dict[str, Any]:
