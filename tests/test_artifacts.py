@@ -176,6 +176,7 @@ def test_the_readme_notebook_snippet_runs(trained_run, tmp_path, monkeypatch, ca
 SHIPPED = artifacts.PRETRAINED
 
 
+@pytest.mark.slow  # over 4 s: worker processes, a whole search or a real agent
 @pytest.mark.skipif(not (SHIPPED / "agent.json").exists(), reason="no pretrained agent shipped")
 def test_the_shipped_agent_replays_its_recorded_short_evaluation(tmp_path):
     """`evaluate --pretrained` repeats the short evaluation recorded beside the agent, track for

@@ -83,6 +83,7 @@ def test_early_stop_charges_the_remaining_steps():
     np.testing.assert_allclose(stopped.returns, full.returns, atol=1e-3)
 
 
+@pytest.mark.slow  # over 4 s: worker processes, a whole search or a real agent
 def test_workers_served_as_ready_play_the_same_episodes_as_one_process():
     """Gymnasium workers get their next actions as soon as their own block is back; that
     reordering must not change any episode."""
@@ -191,6 +192,7 @@ def test_the_average_of_the_finalists_is_one_more_finalist_and_wins_only_by_play
     assert ("centroid_of" in meta) == (winner == 3)
 
 
+@pytest.mark.slow  # over 4 s: worker processes, a whole search or a real agent
 def test_two_searches_run_side_by_side_until_the_cull_then_the_better_one_goes_on(
     world_run, tmp_path_factory
 ):
@@ -272,6 +274,7 @@ def test_evaluate_writes_the_protocol_and_statistics(world_run):
     assert iio.imread(gifs[0]).shape[0] == 15  # every 2nd of 30 frames
 
 
+@pytest.mark.slow  # over 4 s: worker processes, a whole search or a real agent
 def test_evaluation_returns_do_not_depend_on_the_worker_processes(trained_run):
     """Each car acts on its own frame, so which cars' steps came back together from the worker
     processes cannot change a single return: in-process and 3 workers agree bit for bit."""

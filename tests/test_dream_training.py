@@ -186,6 +186,7 @@ def test_dream_then_real_checks_only_the_real_generations(dream_run):
     assert {f["generation"] for f in selection["finalists"]} <= {3, 4}
 
 
+@pytest.mark.slow  # over 4 s: worker processes, a whole search or a real agent
 def test_stable_baselines3_trains_inside_the_dream(dream_run, tmp_path, monkeypatch):
     sb3 = pytest.importorskip("stable_baselines3")
     monkeypatch.setenv("SB3_LOGDIR", str(tmp_path))  # else SB3 leaves a log folder in /tmp
