@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def atomic_link(source: Path, target: Path) -> None:
+    """`target` becomes `source`'s content in one step: a hard link (nothing copied twice), or a
+    copy where the disk refuses links. The temp name is the one `remove_temp_files` sweeps."""
+    temp = Path(target).with_name(f".{Path(target).name}.link{TMP_SUFFIX}")
+    temp.unlink(missing_ok=True)
+    try:
+        os.link(source, temp)
+    except OSError:
+        shutil.copy2(source, temp)
+    os.replace(temp, target)
 
 
 def remove_temp_files(folder: Path) -> list[Path]:

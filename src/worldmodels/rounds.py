@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from worldmodels.data.manifest import (
     read_manifest,
 )
 from worldmodels.errors import UserError
-from worldmodels.io import atomic_write_text
+from worldmodels.io import atomic_link, atomic_write_text
 from worldmodels.layout import RunDir, run_lock, writable_dir
 from worldmodels.pipeline import CONTROLLER, add_stage_arguments, stages
 from worldmodels.progress import log
@@ -133,7 +131,7 @@ def _share_old_run(source: RunDir, layout: RunDir) -> int:
     copied += [source.vae / name for name in ("model.safetensors", "model.json", "config.json")]
     for path in copied:  # not V's inputs.json: V did not see the new episodes
         if path.exists():
-            shutil.copy2(path, layout.root / path.relative_to(source.root))
+            atomic_link(path, layout.root / path.relative_to(source.root))
     return max(e.index for e in entries) + 1
 
 
@@ -145,19 +143,8 @@ def _list_into(source: Path, folder: Path, entries: list[ManifestEntry], first: 
         index = first + entry.index
         if index not in present:
             name = episode_file_name(index)
-            _link(source / entry.file, folder / name)
+            atomic_link(source / entry.file, folder / name)
             append_manifest(folder, dataclasses.replace(entry, index=index, file=name))
-
-
-def _link(source: Path, target: Path) -> None:
-    """`target` becomes `source`'s content in one step: a hard link, or a copy across disks."""
-    temp = target.with_name(target.name + ".tmp")
-    temp.unlink(missing_ok=True)
-    try:
-        os.link(source, temp)
-    except OSError:
-        shutil.copy2(source, temp)
-    os.replace(temp, target)
 
 
 def _collect_on_policy(cfg: RoundConfig, source: RunDir, root: Path, first: int) -> Path:
