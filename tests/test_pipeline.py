@@ -243,6 +243,9 @@ def test_a_round_drives_the_runs_agent_and_trains_m_and_c_again_in_a_new_run_dir
     kept = json.loads((old.controller / "config.json").read_text())
     assert json.loads((new.controller / "config.json").read_text()) == kept | {"run_dir": str(out)}
     assert (new.eval / "eval.json").exists()
+    timed = json.loads((out / "run.json").read_text())["stages"]
+    assert list(timed)[0] == "collect" and timed["collect"]["wall_s"] > 0
+    assert "| collect |" in (out / "report.md").read_text()  # the round's stage table counts it
     assert (
         f"A round after `{smoke_run.resolve()}`: its 6 episodes and 2"
         in (out / "report.md").read_text()

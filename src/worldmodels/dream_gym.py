@@ -44,11 +44,11 @@ class _Dreams:
         mdnrnn: MDNRNN,
         starts: np.ndarray,
         num: int,
-        vae: ConvVAE | None,
-        temperature: float,
-        max_steps: int,
-        obs: str,
-        render_mode: str | None,
+        vae: ConvVAE | None = None,
+        temperature: float = 1.0,
+        max_steps: int = 1000,
+        obs: str = "features",
+        render_mode: str | None = None,
     ):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
@@ -60,7 +60,7 @@ class _Dreams:
             raise ValueError('obs="pixels" needs the VAE to decode frames')
         self.dream = DreamEnv(mdnrnn, temperature, vae=vae)
         self.starts = torch.as_tensor(starts, dtype=torch.float32, device=self.dream.device)
-        self.num, self.max_steps, self.obs = num, max_steps, obs
+        self.num, self.max_steps, self.obs, self.render_mode = num, max_steps, obs, render_mode
         self.steps = np.zeros(num, np.int64)
         self.dream.reset(self.starts[:1].expand(num, -1))
         z_dim, hidden = mdnrnn.z_dim, mdnrnn.hidden
@@ -105,18 +105,10 @@ class DreamCarRacing(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
-    def __init__(
-        self,
-        mdnrnn: MDNRNN,
-        starts: np.ndarray,
-        vae: ConvVAE | None = None,
-        temperature: float = 1.0,
-        max_steps: int = 1000,
-        obs: str = "features",
-        render_mode: str | None = None,
-    ):
-        self.render_mode = render_mode
-        self._dreams = _Dreams(mdnrnn, starts, 1, vae, temperature, max_steps, obs, render_mode)
+    def __init__(self, mdnrnn: MDNRNN, starts: np.ndarray, **settings: Any):
+        """`settings`: vae, temperature, max_steps, obs and render_mode, as `_Dreams` takes them."""
+        self._dreams = _Dreams(mdnrnn, starts, 1, **settings)
+        self.render_mode = self._dreams.render_mode
         self.observation_space = self._dreams.space
         self.action_space = spaces.Box(ACTION_LOW, ACTION_HIGH, dtype=np.float32)
 
@@ -144,22 +136,11 @@ class DreamVectorEnv(VectorEnv):
         "autoreset_mode": AutoresetMode.NEXT_STEP,
     }
 
-    def __init__(
-        self,
-        mdnrnn: MDNRNN,
-        starts: np.ndarray,
-        num_envs: int,
-        vae: ConvVAE | None = None,
-        temperature: float = 1.0,
-        max_steps: int = 1000,
-        obs: str = "features",
-        render_mode: str | None = None,
-    ):
+    def __init__(self, mdnrnn: MDNRNN, starts: np.ndarray, num_envs: int, **settings: Any):
+        """`settings` as for `DreamCarRacing`."""
         self.num_envs = num_envs
-        self.render_mode = render_mode
-        self._dreams = _Dreams(
-            mdnrnn, starts, num_envs, vae, temperature, max_steps, obs, render_mode
-        )
+        self._dreams = _Dreams(mdnrnn, starts, num_envs, **settings)
+        self.render_mode = self._dreams.render_mode
         self.single_observation_space = self._dreams.space
         self.single_action_space = spaces.Box(ACTION_LOW, ACTION_HIGH, dtype=np.float32)
         self.observation_space = batch_space(self.single_observation_space, num_envs)

@@ -14,41 +14,25 @@ from pathlib import Path
 from worldmodels.errors import UserError
 
 
+def _folder(*parts: str) -> property:
+    """A read-only path below the run dir's root: one line per folder in `RunDir`."""
+    return property(lambda self: self.root.joinpath(*parts))
+
+
 @dataclass(frozen=True)
 class RunDir:
+    """The folders of a run dir, one per stage's outputs (recorded episodes below `data`)."""
+
     root: Path
 
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def episodes(self) -> Path:
-        return self.root / "data" / "episodes"
-
-    @property
-    def vae(self) -> Path:
-        return self.root / "vae"
-
-    @property
-    def latents(self) -> Path:
-        return self.root / "latents"
-
-    @property
-    def mdnrnn(self) -> Path:
-        return self.root / "mdnrnn"
-
-    @property
-    def dream(self) -> Path:
-        return self.root / "dream"
-
-    @property
-    def controller(self) -> Path:
-        return self.root / "controller"
-
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval"
+    data = _folder("data")
+    episodes = _folder("data", "episodes")
+    vae = _folder("vae")
+    latents = _folder("latents")
+    mdnrnn = _folder("mdnrnn")
+    dream = _folder("dream")
+    controller = _folder("controller")
+    eval = _folder("eval")
 
 
 def writable_dir(path: Path) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,7 @@ def run_round(cfg: RoundConfig, args: argparse.Namespace | None = None) -> Path:
         # written before anything runs, so that `run` refuses this dir from the start
         atomic_write_text(root / "run.json", json.dumps(record, indent=2) + "\n")
         log(f"round: {first} episodes shared from {source.root}; its agent drives {cfg.episodes}")
-        collected = _collect_on_policy(cfg, source, root, first)
-        _list_into(collected, RunDir(root).episodes, read_manifest(collected), first)
+        _timed_collect(cfg, source, root, first, record)
         run_stages(root, plan, record, {})
     return root
 
@@ -145,6 +145,21 @@ def _list_into(source: Path, folder: Path, entries: list[ManifestEntry], first: 
             name = episode_file_name(index)
             atomic_link(source / entry.file, folder / name)
             append_manifest(folder, dataclasses.replace(entry, index=index, file=name))
+
+
+def _timed_collect(cfg: RoundConfig, source: RunDir, root: Path, first: int, record: dict) -> None:
+    """Collect (or finish collecting) the new episodes and list them with the old ones; the
+    first time it completes, its wall time goes into run.json beside the other stages', so the
+    report's stage table counts it."""
+    started = time.perf_counter()
+    collected = _collect_on_policy(cfg, source, root, first)
+    _list_into(collected, RunDir(root).episodes, read_manifest(collected), first)
+    stages = record.setdefault("stages", {})
+    if not stages.get("collect", {}).get("done"):
+        wall = round(time.perf_counter() - started, 1)
+        settings = {k: v for k, v in to_jsonable(cfg).items() if k not in ("run_dir", "out")}
+        stages["collect"] = {"done": True, "config": settings, "wall_s": wall}
+        atomic_write_text(root / "run.json", json.dumps(record, indent=2) + "\n")
 
 
 def _collect_on_policy(cfg: RoundConfig, source: RunDir, root: Path, first: int) -> Path:
