@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +34,11 @@ from worldmodels.data.manifest import (
     read_manifest,
 )
 from worldmodels.errors import UserError
-from worldmodels.io import atomic_link, atomic_write_text
+from worldmodels.io import atomic_link
 from worldmodels.layout import RunDir, run_lock, writable_dir
 from worldmodels.pipeline import CONTROLLER, add_stage_arguments, stages
 from worldmodels.progress import log
-from worldmodels.stage_plan import Stage, load_record, run_stages
+from worldmodels.stage_plan import Stage, load_record, record_done, run_stages, save_record
 from worldmodels.stages.collect import CollectConfig
 from worldmodels.stages.collect import run as collect
 
@@ -96,7 +95,7 @@ def run_round(cfg: RoundConfig, args: argparse.Namespace | None = None) -> Path:
         first = _share_old_run(source, RunDir(root))
         record.update(preset=previous.get("preset"), round=_round_meta(cfg, source, first))
         # written before anything runs, so that `run` refuses this dir from the start
-        atomic_write_text(root / "run.json", json.dumps(record, indent=2) + "\n")
+        save_record(root, record)
         log(f"round: {first} episodes shared from {source.root}; its agent drives {cfg.episodes}")
         _timed_collect(cfg, source, root, first, record)
         run_stages(root, plan, record, {})
@@ -154,12 +153,9 @@ def _timed_collect(cfg: RoundConfig, source: RunDir, root: Path, first: int, rec
     started = time.perf_counter()
     collected = _collect_on_policy(cfg, source, root, first)
     _list_into(collected, RunDir(root).episodes, read_manifest(collected), first)
-    stages = record.setdefault("stages", {})
-    if not stages.get("collect", {}).get("done"):
-        wall = round(time.perf_counter() - started, 1)
+    if not record.get("stages", {}).get("collect", {}).get("done"):
         settings = {k: v for k, v in to_jsonable(cfg).items() if k not in ("run_dir", "out")}
-        stages["collect"] = {"done": True, "config": settings, "wall_s": wall}
-        atomic_write_text(root / "run.json", json.dumps(record, indent=2) + "\n")
+        record_done(root, record, "collect", settings, time.perf_counter() - started)
 
 
 def _collect_on_policy(cfg: RoundConfig, source: RunDir, root: Path, first: int) -> Path:

@@ -47,6 +47,22 @@ def load_record(path: Path) -> dict:
         return {}
 
 
+def save_record(root: Path, record: dict) -> None:
+    """Write `record` as `root/run.json`: what `run` and `round` know of the run's stages."""
+    atomic_write_text(root / "run.json", json.dumps(record, indent=2) + "\n")
+
+
+def record_done(root: Path, record: dict, key: str, settings: dict, wall_s: float) -> None:
+    """Mark stage `key` done with `settings` (what a rerun compares) and its wall time (what the
+    report's stage table shows), and save the record."""
+    record.setdefault("stages", {})[key] = {
+        "done": True,
+        "config": settings,
+        "wall_s": round(wall_s, 1),
+    }
+    save_record(root, record)
+
+
 def _clock(seconds: float) -> str:
     return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
@@ -55,7 +71,6 @@ def run_stages(root: Path, plan: list[tuple[Stage, Any]], record: dict, expected
     """Run the stages of `plan` in order, skipping each one `record` (root/run.json) shows done
     with the same settings, its inputs unchanged and its output whole; then the report.
     `expected` holds each stage's usual minutes, for the "time left" estimate."""
-    record_path = root / "run.json"
     record.setdefault("stages", {})
     started = time.perf_counter()
     for k, (stage, stage_cfg) in enumerate(plan, 1):
@@ -85,9 +100,7 @@ def run_stages(root: Path, plan: list[tuple[Stage, Any]], record: dict, expected
         log(f"[{k}/{len(plan)}] {stage.command} (elapsed {_clock(elapsed)}{eta})")
         stage_started = time.perf_counter()
         stage.execute(stage_cfg)
-        wall = time.perf_counter() - stage_started
-        record["stages"][stage.key] = {"done": True, "config": settings, "wall_s": round(wall, 1)}
-        atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+        record_done(root, record, stage.key, settings, time.perf_counter() - stage_started)
     from worldmodels import report
 
     report.run(report.ReportConfig(run_dir=root))  # again, now that every timing is recorded
