@@ -514,6 +514,30 @@ def test_mirrored_candidates_come_in_pairs_around_the_mean_and_resume_the_same(t
     np.testing.assert_array_equal(again.ask()[0], expected)
 
 
+def test_sigma_halflife_caps_the_step_size_and_resumes_the_same(tmp_path):
+    """--sigma-halflife: after generation g, σ ≤ σ0 · 2^(−g / N) whatever the ranking said (a
+    random ranking, which keeps pycma's own σ near its start); the capped σ replays on resume."""
+    capped_settings = SearchSettings(np.ones(12), 0.1, 8, False, 0, sigma_halflife=2.0)
+    sigmas = {}
+    for settings in (SearchSettings(np.ones(12), 0.1, 8, False, 0), capped_settings):
+        state = SearchState.new(settings)  # seeds numpy's generator, which pycma draws from
+        rng = np.random.default_rng(0)
+        for _ in range(6):
+            [asked] = state.ask()
+            state.tell([asked], rng.normal(size=8))
+            sigmas.setdefault(settings.sigma_halflife, []).append(state.sigma())
+    capped = state
+    caps = 0.1 * 0.5 ** (np.arange(1, 7) / 2.0)
+    assert np.all(np.array(sigmas[2.0]) <= caps + 1e-12)
+    assert capped.sigma() == pytest.approx(0.1 / 8) and min(sigmas[0.0]) > 0.05
+    capped.save(tmp_path / "state.json")
+    [expected] = capped.ask()
+    again = SearchState.load(capped_settings, tmp_path / "state.json")
+    np.random.set_state(again.np_random)
+    assert again.sigma() == pytest.approx(0.1 / 8)
+    np.testing.assert_array_equal(again.ask()[0], expected)
+
+
 def test_resume_with_other_search_settings_is_refused_and_keeps_the_state(world_run, capsys):
     folder = _train(world_run, generations=1, check_every=0, select_top=0)
     state = (folder / train_controller.ES_STATE).read_bytes()

@@ -13,8 +13,8 @@ import torch
 from gymnasium.utils.env_checker import check_env
 from helpers import tiny_search
 
-from worldmodels import make_dream_env
-from worldmodels.artifacts import load_controller, load_mdnrnn
+from worldmodels import make_dream_env, runtime
+from worldmodels.artifacts import load_controller, load_mdnrnn, load_world_model
 from worldmodels.checkpoint import save_model
 from worldmodels.data.latents import first_latents
 from worldmodels.dream import DreamEvaluator
@@ -22,7 +22,13 @@ from worldmodels.dream_gym import DreamCarRacing, DreamVectorEnv
 from worldmodels.errors import UserError
 from worldmodels.layout import RunDir
 from worldmodels.metrics import read_metrics
-from worldmodels.models import MDNRNN, ConvVAE, batched_controller_actions, controller_param_count
+from worldmodels.models import (
+    MDNRNN,
+    Bf16Step,
+    ConvVAE,
+    batched_controller_actions,
+    controller_param_count,
+)
 from worldmodels.stages import encode, train_controller
 
 Z, H = 8, 16
@@ -238,3 +244,58 @@ def test_evaluate_sets_the_dreamed_returns_beside_the_real_ones(dream_run, tmp_p
     replay = again.play(np.repeat(params.numpy()[None], 3, axis=0), [0, 1, 2])
     np.testing.assert_allclose(replay.returns, dreamed["returns"], atol=1e-4)
     assert (folder / "dream_drive.gif").stat().st_size > 1000
+
+
+def test_m_stepped_in_bf16_matches_its_fp32_step_up_to_rounding():
+    """The bf16 dream rounds only the products' inputs: one step's h, c and predictions stay
+    within bf16's relative precision (~0.4 %) of the fp32 step, at full size."""
+    torch.manual_seed(0)
+    model = MDNRNN().eval()
+    low = Bf16Step(model)
+    z, a = torch.randn(64, 32), torch.rand(64, 3)
+    h, c = torch.randn(64, 256) * 0.3, torch.randn(64, 256)
+    with torch.inference_mode():
+        want_h, want_c = model.advance(z, a, h, c)
+        got_h, got_c = low.advance(z, a, h, c)
+        want, got = model.predict(want_h), low.predict(want_h)
+    assert got_h.dtype == got_c.dtype == torch.float32  # the state the dream carries
+    assert (got_h - want_h).abs().max() < 0.02 and (got_c - want_c).abs().max() < 0.02
+    assert (got_h - want_h).abs().mean() < 0.002
+    for name in ("mu", "logsigma", "logpi", "reward"):
+        diff = (getattr(got, name) - getattr(want, name)).abs()
+        assert diff.max() < 0.05 and diff.mean() < 0.005, name
+    assert not torch.equal(got_h, want_h)  # it did round
+
+
+def test_a_bf16_dream_scores_controllers_as_the_fp32_dream_does(dream_run):
+    """Near-deterministic dreams (sharp M, tiny temperature): every controller's dreamed return
+    in bf16 is its fp32 return up to rounding, so the search ranks candidates alike."""
+    mdnrnn = load_mdnrnn(dream_run)
+    kz = MDN_ARCH["n_gaussians"] * Z
+    with torch.no_grad():
+        mdnrnn.head.bias[2 * kz : 3 * kz] = -12.0
+        mdnrnn.head.weight[2 * kz : 3 * kz].zero_()
+    starts = first_latents(RunDir(dream_run).latents)
+    params = np.repeat(_controllers(8, seed=2), 2, axis=0)
+    seeds = [0, 1] * 8
+    fp32 = DreamEvaluator(mdnrnn, starts, 25, temperature=1e-6).play(params, seeds).returns
+    bf16 = DreamEvaluator(mdnrnn, starts, 25, temperature=1e-6, bf16=True).play(params, seeds)
+    assert np.abs(bf16.returns - fp32).max() < 0.02 * np.abs(fp32).max()
+    assert np.corrcoef(bf16.returns, fp32)[0, 1] > 0.999
+
+
+def test_train_controller_dreams_in_the_precision_asked(dream_run):
+    """--dream-precision: the search's dream steps M in bf16 only when asked (fp32 by default)."""
+    agent = load_world_model(dream_run)
+    for precision, stepper in (("fp32", MDNRNN), ("bf16", Bf16Step)):
+        cfg = tiny_search(dream_run, env="dream", dream_precision=precision)
+        venues = train_controller._make_venues(cfg, agent)
+        assert isinstance(venues.dream.dream.stepper, stepper) and venues.real is None
+    assert tiny_search(dream_run).dream_precision == "fp32"
+
+
+def test_the_dream_precision_follows_the_one_bf16_rule(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_supports_fast_bf16", lambda: True)
+    assert runtime.dream_in_bf16("auto") and not runtime.dream_in_bf16("fp32")
+    monkeypatch.setattr(runtime, "cpu_supports_fast_bf16", lambda: False)
+    assert not runtime.dream_in_bf16("auto") and runtime.dream_in_bf16("bf16")

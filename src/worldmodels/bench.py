@@ -51,6 +51,7 @@ MEASUREMENTS = {
     "dream_batch1": bench_models.dream_batch1,
     "dream_batch1024": bench_models.dream_batch1024,
     "dream_train_pop1024": bench_models.dream_train_pop1024,
+    "dream_train_pop1024_bf16": bench_models.dream_train_pop1024_bf16,
     "vae_train": bench_models.vae_train,
     "vae_encode": bench_models.vae_encode,
     "collect_peak_rss": bench_envs.collect_peak_rss,
@@ -67,6 +68,7 @@ def _ratios(results: dict) -> dict:
         "collect_gymnasium_over_bare_gymnasium": ("collect_gymnasium", "bare_gymnasium"),
         "dream_batch1024_over_bare_envpool": ("dream_batch1024", "bare_envpool"),
         "dream_train_pop1024_over_bare_envpool": ("dream_train_pop1024", "bare_envpool"),
+        "dream_train_pop1024_bf16_over_bare_envpool": ("dream_train_pop1024_bf16", "bare_envpool"),
         "agent_envpool_pop64_over_bare_envpool_pop64": (
             "agent_envpool_pop64",
             "bare_envpool_pop64",

@@ -83,15 +83,28 @@ def dream_batch1024(cfg: BenchConfig) -> dict:
 
 def dream_train_pop1024(cfg: BenchConfig) -> dict:
     """CMA-ES in the dream: 64 candidates x 16 dreams each (the paper's population), 200-step
-    dreams through train-controller's own dream evaluator, controller included."""
+    dreams through train-controller's own dream evaluator, controller included (fp32, the
+    default)."""
+    return _dream_train("fp32")
+
+
+def dream_train_pop1024_bf16(cfg: BenchConfig) -> dict:
+    """As dream_train_pop1024 with `--dream-precision auto`: bf16 where the hardware has native
+    bf16 (the figure says which precision ran)."""
+    return _dream_train("auto")
+
+
+def _dream_train(precision: str) -> dict:
     import torch
 
     from worldmodels.dream import DreamEvaluator
     from worldmodels.models import MDNRNN, controller_param_count
+    from worldmodels.runtime import dream_in_bf16
 
     torch.manual_seed(0)
     starts = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
-    evaluator = DreamEvaluator(MDNRNN(), starts, max_steps=200)
+    bf16 = dream_in_bf16(precision)
+    evaluator = DreamEvaluator(MDNRNN(), starts, max_steps=200, bf16=bf16)
     rng = np.random.default_rng(1)
     params = rng.normal(0, 0.1, (64, controller_param_count(32 + 256))).astype(np.float32)
     batch, seeds = np.repeat(params, 16, axis=0), list(range(16)) * 64
@@ -99,7 +112,12 @@ def dream_train_pop1024(cfg: BenchConfig) -> dict:
     start = time.perf_counter()
     played = evaluator.play(batch, seeds)
     wall = time.perf_counter() - start
-    return {"steps_per_s": played.env_steps / wall, "dreams": len(batch), "steps": 200}
+    return {
+        "steps_per_s": played.env_steps / wall,
+        "dreams": len(batch),
+        "steps": 200,
+        "precision": "bf16" if bf16 else "fp32",
+    }
 
 
 def _vae_frames(episodes: int = 6, max_steps: int = 240) -> tuple[np.ndarray, np.ndarray]:

@@ -49,6 +49,14 @@ def bf16_is_fast(device: torch.device) -> bool:
     return device.type == "cpu" and cpu_supports_fast_bf16()
 
 
+def dream_in_bf16(precision: str, device: torch.device | str = "cpu") -> bool:
+    """Whether dreams step M in bf16: `precision` is auto, fp32 or bf16; auto follows the one
+    bf16 rule."""
+    if precision == "auto":
+        return bf16_is_fast(torch.device(device))
+    return precision == "bf16"
+
+
 def use_acting_threads(device: torch.device | str = "cpu") -> None:
     """One torch thread for the stages that act in envs (train-controller, evaluate, play).
 

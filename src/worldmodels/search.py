@@ -36,6 +36,16 @@ class SearchSettings:
     seed: int
     searches: int = 1
     mirrors: bool = False  # candidates in pairs mean ± d (pycma's unconditional mirroring)
+    sigma_halflife: float = 0.0  # σ ≤ σ0 · 2^(−generation / halflife) (0 = pycma's σ alone)
+
+
+def _anneal(optimizer, settings: SearchSettings, generation: int) -> None:
+    """Cap σ after a generation's update. On two noisy tracks a generation, CMA-ES's own step-size
+    rule may keep σ near its start, and the mean then takes steps as large as the candidates'
+    and wanders; the cap makes the steps shrink however the ranking went."""
+    if settings.sigma_halflife > 0:
+        cap = settings.sigma0 * 0.5 ** (generation / settings.sigma_halflife)
+        optimizer.sigma = min(optimizer.sigma, cap)
 
 
 def _new_optimizer(settings: SearchSettings, index: int):
@@ -94,10 +104,11 @@ class SearchState:
         """Fitness (higher is better) of the concatenated populations `ask` gave."""
         costs = [(-f).tolist() for f in np.split(np.asarray(fitness), len(self.alive))]
         told = [[k, c] for k, c in zip(self.alive, costs)]
+        self.generation += 1
         for (k, c), population in zip(told, asked):
             self.optimizers[k].tell(list(population), c)
+            _anneal(self.optimizers[k], self.settings, self.generation)
         self.told.append(told)
-        self.generation += 1
         self.selected = False  # a new generation may hold a better mean
 
     def means(self) -> list[tuple[int, np.ndarray]]:
@@ -155,10 +166,11 @@ class SearchState:
             saved = json.loads(Path(path).read_text())
             kind, key, pos, has_gauss, cached = saved["np_random"]
             state = cls.new(settings)
-            for generation in saved["told"]:
+            for done, generation in enumerate(saved["told"], start=1):
                 asked = {k: state.optimizers[k].ask() for k, _ in generation}
                 for k, costs in generation:
                     state.optimizers[k].tell(asked[k], costs)
+                    _anneal(state.optimizers[k], settings, done)
             best = saved["best"]
             state.alive = [int(k) for k in saved["alive"]]
             state.told = saved["told"]

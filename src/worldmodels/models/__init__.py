@@ -6,10 +6,18 @@ from worldmodels.models.controller import (
     controller_param_count,
     squash_actions,
 )
-from worldmodels.models.mdnrnn import MDNRNN, MDNOutput, mdn_nll, mdnrnn_loss, sample_next_z
+from worldmodels.models.mdnrnn import (
+    MDNRNN,
+    Bf16Step,
+    MDNOutput,
+    mdn_nll,
+    mdnrnn_loss,
+    sample_next_z,
+)
 from worldmodels.models.vae import ConvVAE, frames_to_tensor, vae_loss
 
 __all__ = [
+    "Bf16Step",
     "ConvVAE",
     "LinearController",
     "MDNOutput",

@@ -32,7 +32,7 @@ from worldmodels.io import atomic_write_text
 from worldmodels.layout import RunDir, writable_dir
 from worldmodels.metrics import MetricsLog
 from worldmodels.progress import log, progress_bar
-from worldmodels.runtime import use_acting_threads, use_all_threads
+from worldmodels.runtime import dream_in_bf16, use_acting_threads, use_all_threads
 from worldmodels.scoring import (
     CHECK_SEED_BASE,
     EXTRA_TRAIN_SEED_BASE,
@@ -83,6 +83,12 @@ class TrainControllerConfig(Config):
         "up to this many (0 = always --rollouts); late candidates differ by less than track luck",
     )
     sigma0: float = option(0.1, "initial CMA-ES step size", above=0)
+    sigma_halflife: float = option(
+        0.0,
+        "cap CMA-ES's step size at sigma0 * 2^(-generation / N), so the mean's steps shrink even "
+        "where two noisy tracks a generation keep CMA-ES's own rule from shrinking them (0 = off)",
+        low=0,
+    )
     searches: int = option(
         1,
         "independent CMA-ES searches run side by side until --cull-after; then only the one "
@@ -144,6 +150,13 @@ class TrainControllerConfig(Config):
     )
     dream_temperature: float = option(
         1.0, "temperature tau of the dream's sampling (--env dream, --dream-generations)", above=0
+    )
+    dream_precision: str = option(
+        "fp32",
+        "precision of M's matrix products in the dream: bf16 (the cell state stays fp32) is "
+        "faster on CPUs with native bf16 and many times slower elsewhere; auto = bf16 only "
+        "where native (README: what it gains and what it changes)",
+        ("fp32", "bf16", "auto"),
     )
     workers: int = option(0, "envpool threads or gymnasium processes (0 = one per core)")
     backend: str = option(
@@ -235,7 +248,14 @@ def _settings(cfg: TrainControllerConfig, agent: Agent) -> SearchSettings:
     rms = input_rms(agent, RunDir(cfg.run_dir).latents) if cfg.scale_inputs else None
     stds = initial_stds(agent, cfg.h_sigma_scale, rms)
     return SearchSettings(
-        stds, cfg.sigma0, cfg.population, cfg.diagonal, cfg.seed, cfg.searches, cfg.mirrors
+        stds,
+        cfg.sigma0,
+        cfg.population,
+        cfg.diagonal,
+        cfg.seed,
+        cfg.searches,
+        cfg.mirrors,
+        cfg.sigma_halflife,
     )
 
 
@@ -254,8 +274,10 @@ def _make_venues(cfg: TrainControllerConfig, agent: Agent) -> Venues:
     dream = None
     if cfg.env == "dream" or cfg.dream_generations:
         starts = first_latents(RunDir(cfg.run_dir).latents)
+        bf16 = dream_in_bf16(cfg.dream_precision, agent.device)
+        log(f"train-controller: dreams step M in {'bf16' if bf16 else 'fp32'}")
         dream = DreamEvaluator(
-            agent.mdnrnn, starts, cfg.max_steps, cfg.dream_temperature, agent.z_only
+            agent.mdnrnn, starts, cfg.max_steps, cfg.dream_temperature, agent.z_only, bf16=bf16
         )
     real = None
     if cfg.env != "dream":
