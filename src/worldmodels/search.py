@@ -39,10 +39,13 @@ class SearchSettings:
     sigma_halflife: float = 0.0  # σ ≤ σ0 · 2^(−generation / halflife) (0 = pycma's σ alone)
 
 
-def _anneal(optimizer, settings: SearchSettings, generation: int) -> None:
-    """Cap σ after a generation's update. On two noisy tracks a generation, CMA-ES's own step-size
-    rule may keep σ near its start, and the mean then takes steps as large as the candidates'
-    and wanders; the cap makes the steps shrink however the ranking went."""
+def _tell(optimizer, population, costs, settings: SearchSettings, generation: int) -> None:
+    """One search's update for `generation` (counted from 1), as run and as replayed on resume.
+
+    With `sigma_halflife`, σ is then capped: on two noisy tracks a generation, CMA-ES's own
+    step-size rule may keep σ near its start, and the mean then takes steps as large as the
+    candidates' and wanders; the cap makes the steps shrink however the ranking went."""
+    optimizer.tell(list(population), costs)
     if settings.sigma_halflife > 0:
         cap = settings.sigma0 * 0.5 ** (generation / settings.sigma_halflife)
         optimizer.sigma = min(optimizer.sigma, cap)
@@ -106,8 +109,7 @@ class SearchState:
         told = [[k, c] for k, c in zip(self.alive, costs)]
         self.generation += 1
         for (k, c), population in zip(told, asked):
-            self.optimizers[k].tell(list(population), c)
-            _anneal(self.optimizers[k], self.settings, self.generation)
+            _tell(self.optimizers[k], population, c, self.settings, self.generation)
         self.told.append(told)
         self.selected = False  # a new generation may hold a better mean
 
@@ -169,8 +171,7 @@ class SearchState:
             for done, generation in enumerate(saved["told"], start=1):
                 asked = {k: state.optimizers[k].ask() for k, _ in generation}
                 for k, costs in generation:
-                    state.optimizers[k].tell(asked[k], costs)
-                    _anneal(state.optimizers[k], settings, done)
+                    _tell(state.optimizers[k], asked[k], costs, settings, done)
             best = saved["best"]
             state.alive = [int(k) for k in saved["alive"]]
             state.told = saved["told"]
