@@ -57,8 +57,14 @@ def presets() -> dict[str, Preset]:
             "collect": CollectConfig(episodes=200, max_steps=1000, policy="brownian"),
             "vae": TrainVAEConfig(epochs=2),
             "mdnrnn": TrainMDNRNNConfig(epochs=20),
+            # 32 candidates ranked by 2 tracks each, with sigma held to a halving every 30
+            # generations: docs/experiments.md (p32hl30) says why
             "controller": TrainControllerConfig(
-                generations=1000, population=16, rollouts=2, time_budget_min=29.5
+                generations=1000,
+                population=32,
+                rollouts=2,
+                sigma_halflife=30.0,
+                time_budget_min=29.5,
             ),
             "evaluate": EvaluateConfig(episodes=100),
         },
