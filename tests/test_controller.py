@@ -514,28 +514,75 @@ def test_mirrored_candidates_come_in_pairs_around_the_mean_and_resume_the_same(t
     np.testing.assert_array_equal(again.ask()[0], expected)
 
 
-def test_sigma_halflife_caps_the_step_size_and_resumes_the_same(tmp_path):
-    """--sigma-halflife: after generation g, σ ≤ σ0 · 2^(−g / N) whatever the ranking said (a
-    random ranking, which keeps pycma's own σ near its start); the capped σ replays on resume."""
-    capped_settings = SearchSettings(np.ones(12), 0.1, 8, False, 0, sigma_halflife=2.0)
+def test_a_sigma_cap_bounds_the_step_size_and_resumes_the_same(tmp_path):
+    """After a generation told with a cap, σ ≤ cap whatever the ranking said (a random ranking,
+    which keeps pycma's own σ near its start); the recorded caps replay on resume."""
+    settings = SearchSettings(np.ones(12), 0.1, 8, False, 0)
+    caps = 0.1 * 0.5 ** (np.arange(1, 7) / 2.0)
     sigmas = {}
-    for settings in (SearchSettings(np.ones(12), 0.1, 8, False, 0), capped_settings):
+    for capped in (False, True):
         state = SearchState.new(settings)  # seeds numpy's generator, which pycma draws from
         rng = np.random.default_rng(0)
-        for _ in range(6):
+        for cap in caps:
             [asked] = state.ask()
-            state.tell([asked], rng.normal(size=8))
-            sigmas.setdefault(settings.sigma_halflife, []).append(state.sigma())
-    capped = state
-    caps = 0.1 * 0.5 ** (np.arange(1, 7) / 2.0)
-    assert np.all(np.array(sigmas[2.0]) <= caps + 1e-12)
-    assert capped.sigma() == pytest.approx(0.1 / 8) and min(sigmas[0.0]) > 0.05
-    capped.save(tmp_path / "state.json")
-    [expected] = capped.ask()
-    again = SearchState.load(capped_settings, tmp_path / "state.json")
+            state.tell([asked], rng.normal(size=8), float(cap) if capped else None)
+            sigmas.setdefault(capped, []).append(state.sigma())
+    assert np.all(np.array(sigmas[True]) <= caps + 1e-12)
+    assert state.sigma() == pytest.approx(0.1 / 8) and min(sigmas[False]) > 0.05
+    state.save(tmp_path / "state.json")
+    [expected] = state.ask()
+    again = SearchState.load(settings, tmp_path / "state.json")
     np.random.set_state(again.np_random)
-    assert again.sigma() == pytest.approx(0.1 / 8)
+    assert again.sigma() == pytest.approx(0.1 / 8) and again.caps == list(caps)
     np.testing.assert_array_equal(again.ask()[0], expected)
+
+
+def test_a_training_run_applies_the_sigma_schedule_and_records_each_cap(world_run):
+    folder = _train(world_run, generations=2, check_every=0, select_top=0, sigma_halvings=2)
+    caps = json.loads((folder / train_controller.ES_STATE).read_text())["caps"]
+    assert caps == pytest.approx([0.1 / 2, 0.1 / 4])  # no time budget: half the generations each
+    rows = read_metrics(folder / "metrics.jsonl")
+    assert [r["sigma_cap"] for r in rows] == caps
+    assert all(r["sigma"] <= r["sigma_cap"] + 1e-12 for r in rows)
+
+
+def test_a_state_saved_before_caps_were_recorded_replays_the_caps_its_settings_gave(tmp_path):
+    settings = SearchSettings(np.ones(12), 0.1, 8, False, 0)
+    state = SearchState.new(settings)
+    rng = np.random.default_rng(0)
+    for g in range(1, 5):
+        [asked] = state.ask()
+        state.tell([asked], rng.normal(size=8), 0.1 * 0.5**g)
+    state.save(tmp_path / "state.json")
+    saved = json.loads((tmp_path / "state.json").read_text())
+    del saved["caps"]
+    (tmp_path / "old.json").write_text(json.dumps(saved))
+    again = SearchState.load(settings, tmp_path / "old.json", lambda g: 0.1 * 0.5**g)
+    assert again.sigma() == pytest.approx(state.sigma())
+    with pytest.raises(UserError, match="--force"):  # replayed without its caps: refused
+        SearchState.load(settings, tmp_path / "old.json")
+
+
+def test_the_sigma_schedules_follow_generations_or_the_share_of_the_budget_used():
+    def cap(cfg, gen, elapsed_s, reserve_s=0.0):
+        return train_controller.sigma_cap(cfg, gen, elapsed_s, reserve_s)
+
+    cfg = train_controller.TrainControllerConfig
+    assert cap(cfg(), 10, 60.0) is None  # neither schedule: pycma's σ alone
+    assert cap(cfg(sigma_halflife=30), 60, 0.0) == pytest.approx(0.1 / 4)
+    timed = cfg(sigma_halvings=2, time_budget_min=10, generations=1000)
+    assert cap(timed, 3, 300.0) == pytest.approx(0.1 / 2)  # half the budget: one halving
+    assert cap(timed, 99, 300.0) == cap(timed, 3, 300.0)  # minutes count, not generations
+    assert cap(timed, 99, 9999.0) == pytest.approx(0.1 / 4)  # never past the last halving
+    # the minutes the final selection will take are not the search's: 540 s of 600 - 60 is all
+    assert cap(timed, 3, 540.0, reserve_s=60.0) == pytest.approx(0.1 / 4)
+    counted = cfg(sigma_halvings=2, time_budget_min=0, generations=40)
+    assert cap(counted, 10, 9999.0) == pytest.approx(0.1 * 0.5**0.5)  # no budget: generations
+    assert cap(cfg(sigma_halvings=2, time_budget_min=10, generations=20), 20, 60.0) == (
+        pytest.approx(0.1 / 4)  # generations that end the run before its minutes do
+    )
+    both = cfg(sigma_halflife=30, sigma_halvings=2, time_budget_min=10)
+    assert cap(both, 60, 60.0) == pytest.approx(0.1 / 4)  # the tighter of the two
 
 
 def test_resume_with_other_search_settings_is_refused_and_keeps_the_state(world_run, capsys):

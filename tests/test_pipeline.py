@@ -278,3 +278,96 @@ def test_run_seed_reaches_every_seeded_stage_but_never_the_evaluation_tracks():
         for s in pipeline.stages()
     }
     assert other["collect"] == 30_000 and other["controller"] == 3
+
+
+def _budget_plan(controller_min: float):
+    """The quick preset's stages with made-up configs: only the controller's budget matters."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Timed:
+        time_budget_min: float = 0.0
+
+    return [(s, Timed(controller_min if s.key == "controller" else 9.0)) for s in stages()]
+
+
+def test_a_run_budget_gives_the_controller_what_the_stages_before_it_left():
+    from worldmodels.presets import presets
+    from worldmodels.stage_plan import Budget
+
+    expected = presets()["quick"].expected_min
+    budget = Budget(57, elastic="controller", pace_stage="collect")
+    plan = _budget_plan(29.5)
+    k = 1 + [s.key for s, _ in plan].index("controller")
+    walls = {"collect": 2, "vae": 9, "visualize": 0.3, "encode": 1.5, "mdnrnn": 1, "dream": 0.2}
+
+    def fitted(collect_min: float, **changes) -> float:
+        record = {"stages": {key: {"wall_s": m * 60} for key, m in walls.items()}}
+        record["stages"]["collect"]["wall_s"] = collect_min * 60
+        b = Budget(**{**budget.__dict__, **changes})
+        return b.fit(plan[k - 1][1], k, plan, record, expected).time_budget_min
+
+    after = expected["evaluate"] + expected["report"]
+    assert fitted(2) == 29.5  # a machine at the expected pace keeps the preset's minutes
+    spent = 6 + 9 + 0.3 + 1.5 + 1 + 0.2  # collect took 3x the expected: so will evaluate
+    assert fitted(6) == pytest.approx(57 - spent - 3 * after, abs=0.01)
+    assert fitted(12) == pytest.approx(57 - spent - 6 - 3 * after, abs=0.01)  # pace capped at 3
+    assert fitted(30) == 5.0  # never below the floor: the run runs over instead
+    assert fitted(6, minutes=0) == 29.5  # no run budget
+    assert fitted(1) == 29.5  # a faster machine is never assumed
+    other = plan[0][1]  # only the elastic stage is cut
+    assert budget.fit(other, 1, plan, {"stages": {}}, expected) is other
+    unlimited = _budget_plan(0.0)  # "no limit", set by the user, stays no limit
+    cfg = unlimited[k - 1][1]
+    assert budget.fit(cfg, k, unlimited, {"stages": {}}, expected) is cfg
+
+
+def test_a_stage_the_budget_cut_is_recorded_with_its_preset_settings_and_shown(tmp_path):
+    from worldmodels.report import stage_table
+    from worldmodels.stage_plan import load_record, record_done
+
+    record: dict = {}
+    record_done(tmp_path, record, "collect", {"episodes": 200}, 120.0)
+    record_done(tmp_path, record, "controller", {"time_budget_min": 29.5}, 1500.0, 25.1)
+    saved = load_record(tmp_path / "run.json")["stages"]
+    assert saved["controller"]["config"] == {"time_budget_min": 29.5}  # what a rerun compares
+    assert saved["controller"]["budget_min"] == 25.1 and "budget_min" not in saved["collect"]
+    table = stage_table(saved, {})
+    assert "| controller | 25.0 min (the run's budget left it 25.1 min) |" in table
+    assert "| collect | 2.0 min |" in table and "**27.0 min**" in table
+
+
+def test_run_stages_cuts_the_elastic_stage_records_the_preset_settings_and_skips_it_after(
+    tmp_path, monkeypatch
+):
+    from dataclasses import dataclass
+    from pathlib import Path
+
+    from worldmodels import report
+    from worldmodels.stage_plan import Budget, Stage, load_record, run_stages
+
+    @dataclass
+    class Timed:
+        run_dir: Path
+        time_budget_min: float = 0.0
+
+    ran: list[tuple[str, float]] = []
+
+    def stage(key: str) -> Stage:
+        def work(cfg: Timed) -> None:
+            ran.append((key, cfg.time_budget_min))
+            (cfg.run_dir / f"{key}.txt").write_text("done")
+
+        return Stage(key, key, Timed, work, (), f"{key}.txt")
+
+    monkeypatch.setattr(report, "run", lambda cfg: None)
+    plan = [(stage(k), Timed(tmp_path, m)) for k, m in (("collect", 0), ("controller", 29.5))]
+    plan.append((stage("evaluate"), Timed(tmp_path, 0)))
+    expected = {"collect": 2, "controller": 30, "evaluate": 7}
+    budget = Budget(13, elastic="controller", pace_stage="collect")
+    run_stages(tmp_path, plan, {}, expected, budget)
+    assert ran[1][0] == "controller" and ran[1][1] == pytest.approx(6.0, abs=0.05)  # 13 - 7
+    saved = load_record(tmp_path / "run.json")["stages"]["controller"]
+    assert saved["config"]["time_budget_min"] == 29.5 and saved["budget_min"] == ran[1][1]
+    run_stages(tmp_path, plan, load_record(tmp_path / "run.json"), expected, budget)
+    assert len(ran) == 3  # a rerun finds every stage done, the cut one included

@@ -335,3 +335,12 @@ def test_the_pictures_show_the_car_on_the_road_from_many_episodes():
     assert all(p >= 12 for p in picks) and sorted(episodes[picks]) == [0, 1, 2]
     picks = viz.pick_frames(frames, episodes, 8, generator)
     assert len(set(picks)) == 8 and sum(p >= 12 for p in picks) == 6
+
+
+def test_a_time_budget_cuts_each_epoch_short_and_says_so(run_dir, trained, capsys):
+    full = _rows(trained)[0]["train_frames"]
+    tv.run(_cfg(run_dir, epochs=2, time_budget_min=1e-9))  # every pass stops after one batch
+    rows = _rows(run_dir)
+    assert [r["train_frames"] for r in rows] == [16, 16] and full > 16
+    assert "used its share of --time-budget-min" in capsys.readouterr().err
+    assert json.loads((RunDir(run_dir).vae / "model.json").read_text())["epochs"] == 2

@@ -30,7 +30,7 @@ from worldmodels.io import atomic_write_text
 from worldmodels.layout import run_lock, writable_dir
 from worldmodels.presets import presets
 from worldmodels.seeds import COLLECT_TRACKS_PER_RUN_SEED
-from worldmodels.stage_plan import Stage, load_record, run_stages
+from worldmodels.stage_plan import Budget, Stage, load_record, run_stages
 
 
 @dataclass
@@ -46,6 +46,14 @@ class RunConfig:
         "run seed: every stage's randomness (collection tracks start at seed*10000; V, M, dream "
         "and CMA-ES use it as their seed); evaluation tracks never change. A stage's own "
         "--<stage>.seed overrides it",
+    )
+    budget_min: float | None = option(
+        None,
+        "minutes the run may take (default: the preset's, 57 for quick, which leaves 3 of "
+        "make run's 60 for the install); on a slower machine the controller's search gets "
+        "what the other stages leave, never more than its own --controller.time-budget-min "
+        "(0 = no run budget)",
+        low=0,
     )
     force: bool = option(False, "redo every stage from scratch")
 
@@ -198,6 +206,8 @@ def stage_config(stage: Stage, cfg: RunConfig, args: argparse.Namespace | None) 
 def run_pipeline(cfg: RunConfig, args: argparse.Namespace | None = None) -> Path:
     if cfg.preset not in presets():
         raise UserError(f"unknown preset {cfg.preset!r}: choose one of {', '.join(presets())}")
+    if cfg.budget_min is not None and cfg.budget_min < 0:
+        raise UserError(f"--budget-min {cfg.budget_min:g}: give minutes, or 0 for no budget")
     cfg = dataclasses.replace(cfg, run_dir=cfg.root())
     root = writable_dir(cfg.run_dir)
     with run_lock(root, "run"):
@@ -225,7 +235,10 @@ def _run_plan(cfg: RunConfig, root: Path, args: argparse.Namespace | None) -> No
         root / "resolved_config.json",
         json.dumps({s.key: to_jsonable(c) for s, c in plan}, indent=2) + "\n",
     )
-    run_stages(root, plan, record, presets()[cfg.preset].expected_min)
+    preset = presets()[cfg.preset]
+    minutes = preset.budget_min if cfg.budget_min is None else cfg.budget_min
+    budget = Budget(minutes, elastic="controller", pace_stage="collect")
+    run_stages(root, plan, record, preset.expected_min, budget)
 
 
 def run_from_args(args: argparse.Namespace) -> Path:

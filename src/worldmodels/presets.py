@@ -16,6 +16,7 @@ class Preset:
     configs: dict[str, Any]  # stage key -> that stage's config (run dir, force and seed set later)
     # minutes each stage is expected to take on a 2-core CPU, for the "time left" estimate
     expected_min: dict[str, float] = field(default_factory=dict)
+    budget_min: float = 0.0  # the whole run's minutes (0 = none): see `stage_plan.Budget`
 
 
 def presets() -> dict[str, Preset]:
@@ -55,15 +56,17 @@ def presets() -> dict[str, Preset]:
     quick = Preset(
         {
             "collect": CollectConfig(episodes=200, max_steps=1000, policy="brownian"),
-            "vae": TrainVAEConfig(epochs=2),
+            # a slow CPU trains V on fewer frames rather than take minutes from C
+            "vae": TrainVAEConfig(epochs=2, time_budget_min=9.0),
             "mdnrnn": TrainMDNRNNConfig(epochs=20),
-            # 32 candidates ranked by 2 tracks each, with sigma held to a halving every 30
-            # generations: docs/experiments.md (p32hl30) says why
+            # 32 candidates ranked by 2 tracks each, sigma capped by a schedule that halves it
+            # 1.6 times by the last generation (where 48 fit the budget, one halving every 30
+            # of them): docs/experiments.md (p32hl30) says why
             "controller": TrainControllerConfig(
                 generations=1000,
                 population=32,
                 rollouts=2,
-                sigma_halflife=30.0,
+                sigma_halvings=1.6,
                 time_budget_min=29.5,
             ),
             "evaluate": EvaluateConfig(episodes=100),
@@ -76,9 +79,10 @@ def presets() -> dict[str, Preset]:
             "mdnrnn": 1,
             "dream": 0.2,
             "controller": 30,
-            "evaluate": 5,
+            "evaluate": 7,
             "report": 0.2,
         },
+        budget_min=57.0,
     )
     full = Preset(
         {

@@ -182,7 +182,13 @@ def stage_table(stages: dict, rates: dict[str, str]) -> str:
         return "_No stage timings (run `worldmodels run` to record them)._"
     lines = ["| stage | wall time | throughput |", "|---|---|---|"]
     for name, info in stages.items():
-        lines.append(f"| {name} | {info.get('wall_s', 0) / 60:.1f} min | {rates.get(name, '—')} |")
+        cut = (
+            f" (the run's budget left it {info['budget_min']:g} min)"
+            if "budget_min" in info
+            else ""
+        )
+        wall = f"{info.get('wall_s', 0) / 60:.1f} min{cut}"
+        lines.append(f"| {name} | {wall} | {rates.get(name, '—')} |")
     total = sum(info.get("wall_s", 0) for info in stages.values())
     lines.append(f"| **total** | **{total / 60:.1f} min** | |")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ is ever unpickled.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,19 +37,20 @@ class SearchSettings:
     seed: int
     searches: int = 1
     mirrors: bool = False  # candidates in pairs mean ± d (pycma's unconditional mirroring)
-    sigma_halflife: float = 0.0  # σ ≤ σ0 · 2^(−generation / halflife) (0 = pycma's σ alone)
 
 
-def _tell(optimizer, population, costs, settings: SearchSettings, generation: int) -> None:
-    """One search's update for `generation` (counted from 1), as run and as replayed on resume.
-
-    With `sigma_halflife`, σ is then capped: on two noisy tracks a generation, CMA-ES's own
-    step-size rule may keep σ near its start, and the mean then takes steps as large as the
-    candidates' and wanders; the cap makes the steps shrink however the ranking went."""
+def _tell(optimizer, population, costs, cap: float | None) -> None:
+    """One search's update, as run and as replayed on resume, then σ capped at `cap` (None:
+    pycma's σ alone). On two noisy tracks a generation, CMA-ES's own step-size rule may keep σ
+    near its start, and the mean then takes steps as large as the candidates' and wanders; a
+    falling cap makes the steps shrink however the ranking went."""
     optimizer.tell(list(population), costs)
-    if settings.sigma_halflife > 0:
-        cap = settings.sigma0 * 0.5 ** (generation / settings.sigma_halflife)
+    if cap is not None:
         optimizer.sigma = min(optimizer.sigma, cap)
+
+
+def no_cap(generation: int) -> None:
+    return None
 
 
 def _new_optimizer(settings: SearchSettings, index: int):
@@ -84,6 +86,7 @@ class SearchState:
     optimizers: list = field(default_factory=list)
     alive: list[int] = field(default_factory=list)  # searches still stepped (one after the cull)
     told: list = field(default_factory=list)  # per generation: [search, costs] in asking order
+    caps: list = field(default_factory=list)  # per generation: the σ cap it applied, or None
     generation: int = 0
     elapsed: float = 0.0  # seconds of training, for the time budget
     best: tuple[float, np.ndarray | None] = (-np.inf, None)  # best single candidate so far
@@ -103,14 +106,16 @@ class SearchState:
         """One population (P, n) per running search, in `alive` order."""
         return [np.asarray(self.optimizers[k].ask()) for k in self.alive]
 
-    def tell(self, asked: list[np.ndarray], fitness: np.ndarray) -> None:
-        """Fitness (higher is better) of the concatenated populations `ask` gave."""
+    def tell(self, asked: list[np.ndarray], fitness: np.ndarray, cap: float | None = None) -> None:
+        """Fitness (higher is better) of the concatenated populations `ask` gave; σ is then
+        capped at `cap` (recorded, so that a resume replays it whatever rule chose it)."""
         costs = [(-f).tolist() for f in np.split(np.asarray(fitness), len(self.alive))]
         told = [[k, c] for k, c in zip(self.alive, costs)]
         self.generation += 1
         for (k, c), population in zip(told, asked):
-            _tell(self.optimizers[k], population, c, self.settings, self.generation)
+            _tell(self.optimizers[k], population, c, cap)
         self.told.append(told)
+        self.caps.append(cap)
         self.selected = False  # a new generation may hold a better mean
 
     def means(self) -> list[tuple[int, np.ndarray]]:
@@ -149,6 +154,7 @@ class SearchState:
             "elapsed": self.elapsed,
             "alive": self.alive,
             "told": self.told,
+            "caps": self.caps,
             "means": [np.asarray(es.mean).tolist() for es in self.optimizers],
             "best": {
                 "fitness": float(fitness) if np.isfinite(fitness) else None,
@@ -162,19 +168,24 @@ class SearchState:
         atomic_write_text(path, json.dumps(data))
 
     @classmethod
-    def load(cls, settings: SearchSettings, path: Path) -> SearchState:
-        """Rebuild a saved state; one line naming the way out if it cannot be trusted."""
+    def load(
+        cls, settings: SearchSettings, path: Path, cap_of: Callable[[int], float | None] = no_cap
+    ) -> SearchState:
+        """Rebuild a saved state; one line naming the way out if it cannot be trusted.
+        `cap_of(generation)` gives the σ caps of a file saved before caps were recorded."""
         try:
             saved = json.loads(Path(path).read_text())
             kind, key, pos, has_gauss, cached = saved["np_random"]
             state = cls.new(settings)
-            for done, generation in enumerate(saved["told"], start=1):
+            caps = saved.get("caps") or [cap_of(g) for g in range(1, len(saved["told"]) + 1)]
+            for generation, cap in zip(saved["told"], caps, strict=True):
                 asked = {k: state.optimizers[k].ask() for k, _ in generation}
                 for k, costs in generation:
-                    _tell(state.optimizers[k], asked[k], costs, settings, done)
+                    _tell(state.optimizers[k], asked[k], costs, cap)
             best = saved["best"]
             state.alive = [int(k) for k in saved["alive"]]
             state.told = saved["told"]
+            state.caps = list(caps)
             state.generation = int(saved["generation"])
             state.elapsed = float(saved["elapsed"])
             state.best = (

@@ -52,25 +52,82 @@ def save_record(root: Path, record: dict) -> None:
     atomic_write_text(root / "run.json", json.dumps(record, indent=2) + "\n")
 
 
-def record_done(root: Path, record: dict, key: str, settings: dict, wall_s: float) -> None:
-    """Mark stage `key` done with `settings` (what a rerun compares) and its wall time (what the
-    report's stage table shows), and save the record."""
+def record_done(
+    root: Path, record: dict, key: str, settings: dict, wall_s: float, budget_min: float = 0.0
+) -> None:
+    """Mark stage `key` done with `settings` (what a rerun compares), its wall time and, where
+    the run's budget cut it, the minutes it got (what the report's stage table shows); save."""
     record.setdefault("stages", {})[key] = {
         "done": True,
         "config": settings,
         "wall_s": round(wall_s, 1),
+        **({"budget_min": budget_min} if budget_min else {}),
     }
     save_record(root, record)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A whole run's minutes, kept by shrinking the time budget of one stage (`elastic`, the
+    one whose extra minutes buy the least at the end: the controller's search) to what the
+    stages before it left, less what the stages after it are expected to take on this machine.
+    """
+
+    minutes: float
+    elastic: str
+    pace_stage: str  # a stage whose expected/actual minutes tell how slow this machine is
+
+    def fit(self, stage_cfg: Any, k: int, plan: list[tuple[Stage, Any]], record: dict,
+            expected: dict) -> Any:  # fmt: skip
+        """`stage_cfg` with its time budget cut to fit (only a positive budget of the elastic
+        stage: 0 means "no limit", which a user who sets it means)."""
+        stage = plan[k - 1][0]
+        own = getattr(stage_cfg, "time_budget_min", 0)
+        if stage.key != self.elastic or not self.minutes or not own:
+            return stage_cfg
+        spent = sum(_wall_min(record, s.key) for s, _ in plan[: k - 1])
+        pace = self.pace(record, expected)
+        after = pace * sum(expected.get(s.key, 0) for s, _ in plan[k:])
+        fits = max(MIN_ELASTIC_MIN, self.minutes - spent - after)
+        if fits >= own:
+            return stage_cfg
+        log(
+            f"{stage.command}: {fits:.1f} of its {own:g} min fit the run's {self.minutes:g}: "
+            f"{spent:.1f} spent, {after:.1f} expected after it (this machine at {pace:.2f}× "
+            "the expected minutes)"
+        )
+        return dataclasses.replace(stage_cfg, time_budget_min=round(fits, 2))
+
+    def pace(self, record: dict, expected: dict) -> float:
+        """How much longer than expected the pace stage took, between 1 and 3 (a machine is
+        never assumed faster than the estimates, nor a stalled stage taken for its pace)."""
+        took, usual = _wall_min(record, self.pace_stage), expected.get(self.pace_stage, 0)
+        return min(3.0, max(1.0, took / usual)) if took and usual else 1.0
+
+
+MIN_ELASTIC_MIN = 5.0  # below this the elastic stage learns nothing; the run runs over instead
+
+
+def _wall_min(record: dict, key: str) -> float:
+    return record.get("stages", {}).get(key, {}).get("wall_s", 0) / 60
 
 
 def _clock(seconds: float) -> str:
     return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
 
-def run_stages(root: Path, plan: list[tuple[Stage, Any]], record: dict, expected: dict) -> None:
+def run_stages(
+    root: Path,
+    plan: list[tuple[Stage, Any]],
+    record: dict,
+    expected: dict,
+    budget: Budget | None = None,
+) -> None:
     """Run the stages of `plan` in order, skipping each one `record` (root/run.json) shows done
     with the same settings, its inputs unchanged and its output whole; then the report.
-    `expected` holds each stage's usual minutes, for the "time left" estimate."""
+    `expected` holds each stage's usual minutes, for the "time left" estimate and `budget`.
+    A stage's settings are compared before the budget cuts its time, so that a rerun on
+    another day, when the cut would differ, still finds it done."""
     record.setdefault("stages", {})
     started = time.perf_counter()
     for k, (stage, stage_cfg) in enumerate(plan, 1):
@@ -98,9 +155,11 @@ def run_stages(root: Path, plan: list[tuple[Stage, Any]], record: dict, expected
             if hasattr(stage_cfg, "force"):
                 stage_cfg = dataclasses.replace(stage_cfg, force=True)
         log(f"[{k}/{len(plan)}] {stage.command} (elapsed {_clock(elapsed)}{eta})")
+        fitted = budget.fit(stage_cfg, k, plan, record, expected) if budget else stage_cfg
         stage_started = time.perf_counter()
-        stage.execute(stage_cfg)
-        record_done(root, record, stage.key, settings, time.perf_counter() - stage_started)
+        stage.execute(fitted)
+        cut = fitted.time_budget_min if fitted is not stage_cfg else 0.0
+        record_done(root, record, stage.key, settings, time.perf_counter() - stage_started, cut)
     from worldmodels import report
 
     report.run(report.ReportConfig(run_dir=root))  # again, now that every timing is recorded

@@ -12,6 +12,7 @@ that resumes a run: plain JSON, never a pickle).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, fields
@@ -87,6 +88,13 @@ class TrainControllerConfig(Config):
         0.0,
         "cap CMA-ES's step size at sigma0 * 2^(-generation / N), so the mean's steps shrink even "
         "where two noisy tracks a generation keep CMA-ES's own rule from shrinking them (0 = off)",
+        low=0,
+    )
+    sigma_halvings: float = option(
+        0.0,
+        "the same cap, halved this many times over the whole run: sigma0 * 2^(-H * progress), "
+        "progress the share of --time-budget-min used (of --generations without a budget), so "
+        "a slower machine, with fewer generations, still ends with small steps (0 = off)",
         low=0,
     )
     searches: int = option(
@@ -255,13 +263,16 @@ def _settings(cfg: TrainControllerConfig, agent: Agent) -> SearchSettings:
         cfg.seed,
         cfg.searches,
         cfg.mirrors,
-        cfg.sigma_halflife,
     )
 
 
 def _load_state(cfg: TrainControllerConfig, agent: Agent, folder: Path) -> SearchState | None:
     if (folder / ES_STATE).exists():
-        return SearchState.load(_settings(cfg, agent), folder / ES_STATE)
+        # a state saved before caps were recorded had only --sigma-halflife's
+        legacy = dataclasses.replace(cfg, sigma_halvings=0.0)
+        return SearchState.load(
+            _settings(cfg, agent), folder / ES_STATE, lambda g: sigma_cap(legacy, g, 0.0, 0.0)
+        )
     if (folder / PICKLED_STATE).exists():
         raise UserError(
             f"{folder / PICKLED_STATE} is an older pickled state, never read (unpickling can "
@@ -294,13 +305,35 @@ def _make_venues(cfg: TrainControllerConfig, agent: Agent) -> Venues:
     return Venues(real, dream, cfg.dream_generations)
 
 
+def sigma_cap(
+    cfg: TrainControllerConfig, gen: int, elapsed_s: float, reserve_s: float
+) -> float | None:
+    """The cap on σ after generation `gen`, `elapsed_s` seconds into the training: the tighter
+    of --sigma-halflife's and --sigma-halvings' (None: neither is on). The run's progress is
+    the share of the generations or of the minutes left for them, whichever ends it first,
+    so the last generation has all the halvings."""
+    halvings = []
+    if cfg.sigma_halflife:
+        halvings.append(gen / cfg.sigma_halflife)
+    if cfg.sigma_halvings:
+        progress = gen / cfg.generations
+        if cfg.time_budget_min:
+            progress = max(progress, elapsed_s / max(1.0, cfg.time_budget_min * 60 - reserve_s))
+        halvings.append(cfg.sigma_halvings * min(1.0, progress))
+    return cfg.sigma0 * 0.5 ** max(halvings) if halvings else None
+
+
+def _selection_reserve_s(cfg: TrainControllerConfig, state: SearchState) -> float:
+    """Seconds the final selection will take, at the checks' measured pace."""
+    finalists = cfg.select_top + adds_centroid(cfg.select_top, cfg.select_centroid)
+    return finalists * cfg.select_episodes * state.check_s_per_episode
+
+
 def _out_of_time(cfg: TrainControllerConfig, state: SearchState) -> bool:
     """Whether another generation would leave too little of the budget for the selection."""
     if not cfg.time_budget_min:
         return False
-    finalists = cfg.select_top + adds_centroid(cfg.select_top, cfg.select_centroid)
-    reserve = finalists * cfg.select_episodes * state.check_s_per_episode
-    return state.elapsed + reserve >= cfg.time_budget_min * 60
+    return state.elapsed + _selection_reserve_s(cfg, state) >= cfg.time_budget_min * 60
 
 
 def _generation(
@@ -319,8 +352,9 @@ def _generation(
     fitness, played = evaluate_candidates(
         venues.training(gen), candidates, seeds, cfg.early_stop, cfg.lap_bonus
     )
-    state.tell(asked, fitness)
     wall = time.perf_counter() - started
+    cap = sigma_cap(cfg, gen, state.elapsed + wall, _selection_reserve_s(cfg, state))
+    state.tell(asked, fitness, cap)
 
     if fitness.max() > state.best[0]:
         state.best = (float(fitness.max()), candidates[fitness.argmax()].copy())
@@ -330,6 +364,7 @@ def _generation(
         "mean": float(fitness.mean()),
         "worst": float(fitness.min()),
         "sigma": state.sigma(),
+        **({"sigma_cap": cap} if cap is not None else {}),
         "laps": float(played.laps.mean()),
         "rollouts": rollouts,
         "steps_per_s": played.env_steps / wall,

@@ -67,6 +67,13 @@ class TrainVAEConfig(Config):
     patience: int = option(
         0, "stop after this many epochs without a better val SSE (0 = off)", low=0
     )
+    time_budget_min: float = option(
+        0.0,
+        "minutes for all the training passes: each epoch's pass stops when its share "
+        "(budget / epochs) is used, so a slow CPU trains on fewer frames instead of taking "
+        "longer (0 = no limit; validation not counted)",
+        low=0,
+    )
     seed: int = option(0, "seed for weights, shuffling and the reparameterisation noise")
     device: str = option("auto", "where to train (auto = cuda if present)", ("auto", "cpu", "cuda"))
     precision: str = option(
@@ -101,8 +108,10 @@ def train_epoch(
     device: torch.device,
     speed: Speed,
     desc: str,
+    limit_s: float = 0.0,
 ) -> dict[str, float]:
-    """One pass over the training batches; returns frame-weighted means and img/s."""
+    """One pass over the training batches, cut short after `limit_s` seconds (0 = never);
+    returns frame-weighted means and img/s."""
     model.train()
     sums = {k: torch.zeros((), device=device) for k in ("loss", "sse", "mse", "kl")}
     frames = 0
@@ -118,6 +127,8 @@ def train_epoch(
             bar.update(len(batch))
             if step % 20 == 0:
                 bar.set_postfix(sse=f"{out['sse'].item():.1f}", kl=f"{out['kl'].item():.1f}")
+            if limit_s and time.perf_counter() - start >= limit_s:
+                break
     seconds = time.perf_counter() - start
     means = {f"train_{k}": (v / max(frames, 1)).item() for k, v in sums.items()}
     return {**means, "train_frames": frames, "img_per_s": frames / max(seconds, 1e-9)}
@@ -240,7 +251,14 @@ def run(cfg: TrainVAEConfig) -> Path:
             row = {"epoch": epoch} | train_epoch(
                 model, forward, optimizer, take_frames(train, cfg.max_train_frames), epoch_frames,
                 cfg, device, speed, desc=f"{COMMAND} {epoch}/{cfg.epochs}",
+                limit_s=cfg.time_budget_min * 60 / cfg.epochs,
             )  # fmt: skip
+            train.close()  # a pass cut short leaves its reader's buffered episodes behind
+            if cfg.time_budget_min and row["train_frames"] < epoch_frames:
+                log(
+                    f"{COMMAND}: epoch {epoch} used its share of --time-budget-min "
+                    f"{cfg.time_budget_min:g} after {row['train_frames']} of {epoch_frames} frames"
+                )
             val = iterate_frame_batches(layout.episodes, val_entries, cfg.batch_size, None, 1)
             row |= evaluate(
                 model, take_frames(val, cfg.max_val_frames), device, speed, cfg.free_bits
