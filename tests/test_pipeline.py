@@ -311,7 +311,7 @@ def test_a_run_budget_gives_the_controller_what_the_stages_before_it_left():
     assert fitted(2) == 29.5  # a machine at the expected pace keeps the preset's minutes
     spent = 6 + 9 + 0.3 + 1.5 + 1 + 0.2  # collect took 3x the expected: so will evaluate
     assert fitted(6) == pytest.approx(57 - spent - 3 * after, abs=0.01)
-    assert fitted(12) == pytest.approx(57 - spent - 6 - 3 * after, abs=0.01)  # pace capped at 3
+    assert fitted(8) == pytest.approx(57 - spent - 2 - 3 * after, abs=0.01)  # pace capped at 3
     assert fitted(30) == 5.0  # never below the floor: the run runs over instead
     assert fitted(6, minutes=0) == 29.5  # no run budget
     assert fitted(1) == 29.5  # a faster machine is never assumed
