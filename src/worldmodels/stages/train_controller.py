@@ -256,13 +256,7 @@ def _settings(cfg: TrainControllerConfig, agent: Agent) -> SearchSettings:
     rms = input_rms(agent, RunDir(cfg.run_dir).latents) if cfg.scale_inputs else None
     stds = initial_stds(agent, cfg.h_sigma_scale, rms)
     return SearchSettings(
-        stds,
-        cfg.sigma0,
-        cfg.population,
-        cfg.diagonal,
-        cfg.seed,
-        cfg.searches,
-        cfg.mirrors,
+        stds, cfg.sigma0, cfg.population, cfg.diagonal, cfg.seed, cfg.searches, cfg.mirrors
     )
 
 
