@@ -27,7 +27,8 @@ from worldmodels.metrics import read_metrics
 from worldmodels.models import MDNRNN, ConvVAE, LinearController, controller_param_count
 from worldmodels.rollout import run_episodes
 from worldmodels.search import SearchSettings, SearchState
-from worldmodels.stages import evaluate, train_controller
+from worldmodels.stages import encode, evaluate, train_controller
+from worldmodels.warm_start import fit_steering, recorded_steering, road_following_start
 
 VAE_ARCH = {"z_dim": 8, "channels": [4, 8, 8, 16]}
 MDN_ARCH = {"z_dim": 8, "action_dim": 3, "hidden": 16, "n_gaussians": 2}
@@ -465,7 +466,6 @@ def test_scaled_inputs_give_every_input_the_same_initial_pull(world_run):
     sees along the recorded episodes; each weight's std times its input's rms is then one value
     within z and one within h, each group's total pull is the plain one, and biases keep 1."""
     from worldmodels.data.latents import load_latents, open_latents
-    from worldmodels.stages import encode
 
     encode.run(encode.EncodeConfig(run_dir=world_run, batch_size=16, device="cpu"))
     agent = load_world_model(world_run)
@@ -704,3 +704,29 @@ def test_the_local_evaluator_keeps_only_the_env_pools_in_use(world_run):
         assert closed == [3]
     finally:
         evaluator.close()
+
+
+def test_train_controller_starts_from_the_fit_on_the_run_own_frames(world_run):
+    encode.run(encode.EncodeConfig(run_dir=world_run, batch_size=16, device="cpu"))
+    short = dict(generations=1, check_every=0, select_top=0)
+    folder = _train(world_run, start="road", start_gas=0.2, **short)
+    saved = json.loads((folder / train_controller.ES_STATE).read_text())
+    layout = RunDir(world_run)
+    fit = fit_steering(*recorded_steering(layout.episodes, layout.latents))
+    assert fit.frames > 100  # the tiny episodes start on the road
+    with pytest.raises(UserError, match="too few .* --start zero"):  # 2 × 41 frames
+        recorded_steering(layout.episodes, layout.latents, count=2)
+    expected = road_following_start(fit, 8 + 16, 0.2)
+    np.testing.assert_allclose(saved["start"], expected)
+    plain = _train(world_run, force=True, **short) / train_controller.ES_STATE
+    assert not np.any(json.loads(plain.read_text())["start"])  # --start zero, as before
+
+
+def test_a_road_start_without_the_recorded_frames_says_what_to_do(world_run, capsys):
+    encode.run(encode.EncodeConfig(run_dir=world_run, batch_size=16, device="cpu"))
+    shutil.rmtree(RunDir(world_run).episodes)
+    capsys.readouterr()  # encode's log
+    args = ["train-controller", "--run-dir", str(world_run), "--start", "road"]
+    assert main([*args, "--generations", "1", "--population", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--start zero" in err and len(err.splitlines()) == 1

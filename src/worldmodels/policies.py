@@ -51,19 +51,24 @@ class BrownianPolicy:
 
 
 AHEAD_ROWS = slice(40, 66)  # the strip of the 96x96 frame just in front of the car
-CAR_COLUMN = 48  # the car sits at the horizontal centre; the camera turns with it
 
 
-def road_heading(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def road_heading(
+    frames: np.ndarray, rows: slice = AHEAD_ROWS, min_pixels: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Where the road is ahead: (offset in [-1, 1] of its centre from the car's column, whether
-    any road is in view). Road is grey (R = G = B); grass is green and kerbs red or white."""
-    band = frames[:, AHEAD_ROWS].astype(np.int16)
+    at least `min_pixels` of road are in view). The car sits at the horizontal centre and the
+    camera turns with it; `rows` is the strip just in front of it. Road is grey (R = G = B);
+    grass is green and kerbs red or white."""
+    band = frames[:, rows].astype(np.int16)
     r, g, b = band[..., 0], band[..., 1], band[..., 2]
     road = (np.abs(r - g) < 20) & (np.abs(g - b) < 20) & (r > 60) & (r < 160)
-    per_column = road.sum(axis=1)  # (N, 96)
+    per_column = road.sum(axis=1)  # (N, width)
     seen = per_column.sum(axis=1)
-    centre = (per_column * np.arange(frames.shape[2])).sum(axis=1) / np.maximum(seen, 1)
-    return (centre - CAR_COLUMN) / CAR_COLUMN, seen > 0
+    width = frames.shape[2]
+    centre = (per_column * np.arange(width)).sum(axis=1) / np.maximum(seen, 1)
+    car_column = width / 2
+    return (centre - car_column) / car_column, seen >= min_pixels
 
 
 class RoadPolicy:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,10 @@ class SearchSettings:
     seed: int
     searches: int = 1
     mirrors: bool = False  # candidates in pairs mean ± d (pycma's unconditional mirroring)
+    start: np.ndarray | None = None  # every search's first mean (None: the zero vector)
+
+    def first_mean(self) -> np.ndarray:
+        return np.zeros(len(self.stds)) if self.start is None else np.asarray(self.start, float)
 
 
 def _tell(optimizer, population, costs, cap: float | None) -> None:
@@ -65,7 +69,7 @@ def _new_optimizer(settings: SearchSettings, index: int):
     }
     if settings.mirrors:
         options.update(CMA_mirrors=settings.population // 2, CMA_mirrormethod=0)
-    return cma.CMAEvolutionStrategy(np.zeros(len(settings.stds)), settings.sigma0, options)
+    return cma.CMAEvolutionStrategy(settings.first_mean(), settings.sigma0, options)
 
 
 @dataclass
@@ -156,6 +160,7 @@ class SearchState:
             "told": self.told,
             "caps": self.caps,
             "means": [np.asarray(es.mean).tolist() for es in self.optimizers],
+            "start": self.settings.first_mean().tolist(),
             "best": {
                 "fitness": float(fitness) if np.isfinite(fitness) else None,
                 "vector": None if vector is None else np.asarray(vector).tolist(),
@@ -172,10 +177,15 @@ class SearchState:
         cls, settings: SearchSettings, path: Path, cap_of: Callable[[int], float | None] = no_cap
     ) -> SearchState:
         """Rebuild a saved state; one line naming the way out if it cannot be trusted.
-        `cap_of(generation)` gives the σ caps of a file saved before caps were recorded."""
+        `cap_of(generation)` gives the σ caps of a file saved before caps were recorded; the
+        first mean is the saved one (a file saved before it was recorded started at zero)."""
         try:
             saved = json.loads(Path(path).read_text())
             kind, key, pos, has_gauss, cached = saved["np_random"]
+            start = np.asarray(saved.get("start") or np.zeros(len(settings.stds)), dtype=float)
+            if start.shape != settings.stds.shape:
+                raise ValueError(f"a first mean of {start.size} numbers")
+            settings = replace(settings, start=start)
             state = cls.new(settings)
             caps = saved.get("caps") or [cap_of(g) for g in range(1, len(saved["told"]) + 1)]
             for generation, cap in zip(saved["told"], caps, strict=True):

@@ -38,6 +38,11 @@ def _split_flat(
     return weight, params[..., n_w : n_w + action_dim]
 
 
+def join_flat(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """weight (action_dim, input_dim), bias (action_dim) -> the flat vector `_split_flat` reads."""
+    return torch.cat([weight.flatten(), bias])
+
+
 def batched_controller_actions(
     params: torch.Tensor, inputs: torch.Tensor, action_dim: int = 3
 ) -> torch.Tensor:

@@ -59,6 +59,7 @@ from worldmodels.search import (
     kept_finalist,
 )
 from worldmodels.seeds import require_within
+from worldmodels.warm_start import fit_steering, recorded_steering, road_following_start
 
 ES_STATE = "es_state.json"
 PICKLED_STATE = "es_state.pkl"  # what versions before 0.2 wrote; never read (pickle runs code)
@@ -115,6 +116,20 @@ class TrainControllerConfig(Config):
         False,
         "mirrored sampling: candidates come in pairs mean ± d on the same tracks, so the track "
         "luck both share cancels in the mean's update (needs an even --population)",
+    )
+    start: str = option(
+        "zero",
+        "CMA-ES's first mean: zero (every weight 0: half gas, straight ahead) or road (steering "
+        "fitted by least squares to a road follower's on the recorded frames, gas at "
+        "--start-gas, no brake: the search starts from a car that follows the road)",
+        ("zero", "road"),
+    )
+    start_gas: float = option(
+        0.1,
+        "with --start road: the first mean's gas (a slow car stays on the road; the search "
+        "learns the speed)",
+        above=0,
+        below=1,
     )
     h_sigma_scale: float = option(
         H_SIGMA_SCALE, "initial std of the weights on h relative to those on z"
@@ -252,12 +267,28 @@ class TrainControllerConfig(Config):
         require_within("select", SELECT_SEED_BASE, self.select_episodes, "--select-episodes")
 
 
-def _settings(cfg: TrainControllerConfig, agent: Agent) -> SearchSettings:
+def _settings(
+    cfg: TrainControllerConfig, agent: Agent, start: np.ndarray | None = None
+) -> SearchSettings:
     rms = input_rms(agent, RunDir(cfg.run_dir).latents) if cfg.scale_inputs else None
     stds = initial_stds(agent, cfg.h_sigma_scale, rms)
     return SearchSettings(
-        stds, cfg.sigma0, cfg.population, cfg.diagonal, cfg.seed, cfg.searches, cfg.mirrors
+        stds, cfg.sigma0, cfg.population, cfg.diagonal, cfg.seed, cfg.searches, cfg.mirrors, start
     )
+
+
+def _first_mean(cfg: TrainControllerConfig, agent: Agent) -> np.ndarray | None:
+    """--start road's fitted first mean (None: zero). Computed once, when a search starts; a
+    resumed one reads it back from its state."""
+    if cfg.start == "zero":
+        return None
+    layout = RunDir(cfg.run_dir)
+    fit = fit_steering(*recorded_steering(layout.episodes, layout.latents))
+    log(
+        f"train-controller: first mean steers like a road follower (fitted on {fit.frames} "
+        f"recorded frames, R² {fit.r2:.2f}), gas {cfg.start_gas}"
+    )
+    return road_following_start(fit, agent.input_dim, cfg.start_gas)
 
 
 def _load_state(cfg: TrainControllerConfig, agent: Agent, folder: Path) -> SearchState | None:
@@ -439,7 +470,7 @@ def run(cfg: TrainControllerConfig) -> Path:
             (folder / name).unlink(missing_ok=True)
     state = None if cfg.force else _load_state(cfg, agent, folder)
     if state is None:
-        state = SearchState.new(_settings(cfg, agent))
+        state = SearchState.new(_settings(cfg, agent, _first_mean(cfg, agent)))
     done = state.generation >= cfg.generations or _out_of_time(cfg, state)
     wants_selection = bool(cfg.select_top and not state.selected and state.checked)
     if done and not wants_selection:
