@@ -85,9 +85,10 @@ def recorded_steering(
         steer, seen = steering_targets(episode.obs, episode.crop)
         zs.append(load_latents(latents / entry.file).mu[seen])
         targets.append(steer[seen])
-    if sum(len(t) for t in targets) < MIN_FIT_FRAMES:
+    fitted = sum(len(t) for t in targets)
+    if fitted < MIN_FIT_FRAMES:
         raise UserError(
-            f"only {sum(len(t) for t in targets)} recorded frames in {episodes} show road ahead, "
+            f"only {fitted} recorded frames in {episodes} show road ahead, "
             f"too few to fit the road start's steering on: use --start zero"
         )
     return np.concatenate(zs), np.concatenate(targets)
