@@ -101,6 +101,32 @@ def test_gymnasium_worker_processes_match_in_process():
     np.testing.assert_array_equal(spread[1], local[1])
 
 
+def test_culled_official_env_is_the_official_env_frame_for_frame():
+    """Skipping the off-screen polygons must change no pixel: through the zoom-in, along the
+    road (visited tiles change colour), onto the grass and into a spin, every frame and reward
+    equals stock Gymnasium's."""
+    from worldmodels.envs.gymnasium_backend import make_official_env
+
+    t = np.arange(260)
+    steer = np.where(t < 90, 0.0, np.sin(t / 15))  # along the start straight, then weave off
+    actions = np.stack([steer, np.where(t < 150, 0.4, 1.0), (t > 230) * 0.8], 1)
+    for seed in (5, 8):
+        played = []
+        for cull in (False, True):
+            env = make_official_env(cull=cull)
+            frames, rewards = [env.reset(seed=seed)[0]], []
+            for action in actions.astype(np.float32):
+                obs, reward, *_ = env.step(action)
+                frames.append(obs)
+                rewards.append(reward)
+            env.close()
+            played.append((np.stack(frames), np.array(rewards)))
+        (stock, stock_rewards), (culled, culled_rewards) = played
+        np.testing.assert_array_equal(culled, stock)
+        np.testing.assert_array_equal(culled_rewards, stock_rewards)
+        assert (stock_rewards > 0).sum() >= 5  # tiles were visited: their colour changed on screen
+
+
 def test_backends_look_alike_on_a_straight_start():
     """Same seed gives a different track on each backend, but every track starts on a straight:
     after the zoom-in (50 steps) the frames should differ far less than the same frame shifted

@@ -113,11 +113,11 @@ def agent_gymnasium_eval(cfg: BenchConfig) -> dict:
     }
 
 
-def _gym_worker(seed: int, episodes: int, steps: int) -> tuple[float, int]:
+def _gym_worker(seed: int, episodes: int, steps: int, cull: bool = True) -> tuple[float, int]:
     """(seconds, steps) to play `episodes` episodes of `steps` random actions, each from reset
     (included, as an evaluation pays it: it builds the track, and the first 50 frames zoom in
-    on it)."""
-    env = make_official_env()
+    on it). `cull=False`: stock Gymnasium drawing every polygon, for the ratio."""
+    env = make_official_env(cull=cull)
     env.reset(seed=seed + 1000)  # warm up: imports, first render
     rng = np.random.default_rng(seed)
     played, start = 0, time.perf_counter()
@@ -134,11 +134,11 @@ def _gym_worker(seed: int, episodes: int, steps: int) -> tuple[float, int]:
 BARE_EPISODES = 4  # per process: ~6 s of stepping, long enough to measure
 
 
-def bare_gymnasium(cfg: BenchConfig) -> dict:
+def bare_gymnasium(cfg: BenchConfig, cull: bool = True) -> dict:
     """Official env alone, one process per core, each stepping one env: episodes of
     `eval_steps` from reset, like the agent measurement's."""
     procs = os.cpu_count() or 1
-    jobs = [(seed * BARE_EPISODES, BARE_EPISODES, cfg.eval_steps) for seed in range(procs)]
+    jobs = [(seed * BARE_EPISODES, BARE_EPISODES, cfg.eval_steps, cull) for seed in range(procs)]
     with mp.get_context("spawn").Pool(procs) as pool:
         pool.starmap(_gym_worker, [(0, 1, 10)] * procs)  # start the processes, import gymnasium
         walls, played = zip(*pool.starmap(_gym_worker, jobs))
@@ -148,6 +148,11 @@ def bare_gymnasium(cfg: BenchConfig) -> dict:
         "episodes_per_process": BARE_EPISODES,
         "max_steps": cfg.eval_steps,
     }
+
+
+def bare_gymnasium_stock(cfg: BenchConfig) -> dict:
+    """`bare_gymnasium` with Gymnasium's own drawing of every polygon (what the culling saves)."""
+    return bare_gymnasium(cfg, cull=False)
 
 
 def _collect(env: str, episodes: int, max_steps: int, envs: int) -> dict:

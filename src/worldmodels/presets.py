@@ -81,7 +81,7 @@ def presets() -> dict[str, Preset]:
             "mdnrnn": 1,
             "dream": 0.2,
             "controller": 30,
-            "evaluate": 10,
+            "evaluate": 7.5,
             "report": 0.2,
         },
         budget_min=57.0,

@@ -1,8 +1,10 @@
 """Gymnasium's official CarRacing-v3, the only backend whose scores we report.
 
-It is render-bound (nearly all of a step is Python drawing a 1000×800 frame), so its slots are spread
-over worker processes; each worker owns a contiguous block of slots and steps only the ones still
-playing. `workers=0` keeps everything in this process (tests, debugging).
+It is render-bound (nearly all of a step is Python drawing a 1000×800 frame). Each env skips the
+polygons that fall wholly off screen before Gymnasium's per-polygon work (`make_official_env`):
+no pixel changes, and most of that work goes. Its slots are spread over worker processes; each
+worker owns a contiguous block of slots and steps only the ones still playing. `workers=0` keeps
+everything in this process (tests, debugging).
 
 A worker's slots are sent in two halves. While the caller runs the agent on one half's frames,
 the worker is already stepping the other half, queued in its pipe, so it never waits for us.
@@ -11,6 +13,7 @@ the worker is already stepping the other half, queued in its pipe, so it never w
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing as mp
 import os
 import warnings
@@ -30,14 +33,71 @@ def ensure_headless_display() -> None:
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
 
-def make_official_env():
+def make_official_env(cull: bool = True):
+    """Gymnasium's CarRacing-v3, as `gym.make` builds it. `cull` (the default) skips, before
+    gymnasium's own per-polygon work, the grass and road polygons that lie wholly off screen:
+    they draw no pixel, and they are most of the ~730 a frame, each turned into pygame vectors
+    and tested in Python. The frames, rewards and physics stay byte for byte the official ones
+    (tests/test_envs.py compares them with `cull=False`)."""
     ensure_headless_display()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import gymnasium as gym
 
         # Our own step limit governs truncation; keep gymnasium's at the official 1000.
-        return gym.make("CarRacing-v3", max_episode_steps=MAX_EPISODE_STEPS)
+        env = gym.make("CarRacing-v3", max_episode_steps=MAX_EPISODE_STEPS)
+    if cull:
+        _cull_offscreen_polygons(env.unwrapped)
+    return env
+
+
+def _cull_offscreen_polygons(car_racing) -> None:
+    """Replace this env's `_render_road` by one that draws the same polygons in the same order
+    through gymnasium's own `_draw_colored_polygon`, but only those with a corner within a
+    pixel of gymnasium's own bounds, found for all of them at once with numpy. A polygon that
+    passes is transformed and tested again, exactly, by gymnasium's method; the one-pixel margin
+    only absorbs rounding between numpy's transform and pygame's, so nothing gymnasium would
+    draw is skipped."""
+    from gymnasium.envs.box2d import car_racing as official
+
+    margin = official.MAX_SHAPE_DIM + 1.0
+    x_high, y_high = official.WINDOW_W + margin, official.WINDOW_H + margin
+    draw = car_racing._draw_colored_polygon  # the bound official method
+    # gymnasium's background square and its checkerboard of grass squares, in its order
+    edge, size = official.PLAYFIELD, official.GRASS_DIM
+    field = [(edge, edge), (edge, -edge), (-edge, -edge), (-edge, edge)]
+    grass = [
+        [(size * x + dx, size * y + dy) for dx, dy in ((size, 0), (0, 0), (0, size), (size, size))]
+        for x in range(-20, 20, 2)
+        for y in range(-20, 20, 2)
+    ]
+    grass_corners = np.array(grass, dtype=np.float64)
+    road: dict = {}  # the track's polygons as gymnasium passes them, rebuilt after a reset
+
+    def near_screen(corners: np.ndarray, zoom, translation, angle) -> np.ndarray:
+        # pygame's Vector2.rotate_rad: (x cos a − y sin a, x sin a + y cos a), then zoom, shift
+        cos, sin = math.cos(angle) * zoom, math.sin(angle) * zoom
+        x, y = corners[..., 0], corners[..., 1]
+        px = x * cos - y * sin + translation[0]
+        py = x * sin + y * cos + translation[1]
+        inside = (px >= -margin) & (px <= x_high) & (py >= -margin) & (py <= y_high)
+        return np.flatnonzero(inside.any(axis=1))
+
+    def render_road(zoom, translation, angle) -> None:
+        surface = car_racing.surf
+        draw(surface, field, car_racing.bg_color, zoom, translation, angle, clip=False)
+        for i in near_screen(grass_corners, zoom, translation, angle):
+            draw(surface, grass[i], car_racing.grass_color, zoom, translation, angle)
+        if road.get("source") is not car_racing.road_poly:
+            road["source"] = car_racing.road_poly
+            road["polys"] = [[(p[0], p[1]) for p in poly] for poly, _ in car_racing.road_poly]
+            road["corners"] = np.array(road["polys"], dtype=np.float64).reshape(-1, 4, 2)
+        for i in near_screen(road["corners"], zoom, translation, angle):
+            # read now: a tile's colour changes in place when the car first touches it
+            color = [int(c) for c in car_racing.road_poly[i][1]]
+            draw(surface, road["polys"][i], color, zoom, translation, angle)
+
+    car_racing._render_road = render_road
 
 
 def official_track_tiles(seeds: list[int]) -> list[int]:
