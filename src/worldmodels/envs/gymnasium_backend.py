@@ -1,8 +1,8 @@
 """Gymnasium's official CarRacing-v3, the only backend whose scores we report.
 
 It is render-bound (nearly all of a step is Python drawing a 1000×800 frame). Each env skips the
-polygons that fall wholly off screen before Gymnasium's per-polygon work (`make_official_env`):
-no pixel changes, and most of that work goes. Its slots are spread over worker processes; each
+polygons that lie far off screen before Gymnasium's per-polygon work (`make_official_env`): no
+pixel changes, and most of that work goes. Its slots are spread over worker processes; each
 worker owns a contiguous block of slots and steps only the ones still playing. `workers=0` keeps
 everything in this process (tests, debugging).
 
@@ -35,10 +35,11 @@ def ensure_headless_display() -> None:
 
 def make_official_env(cull: bool = True):
     """Gymnasium's CarRacing-v3, as `gym.make` builds it. `cull` (the default) skips, before
-    gymnasium's own per-polygon work, the grass and road polygons that lie wholly off screen:
-    they draw no pixel, and they are most of the ~730 a frame, each turned into pygame vectors
-    and tested in Python. The frames, rewards and physics stay byte for byte the official ones
-    (tests/test_envs.py compares them with `cull=False`)."""
+    gymnasium's own per-polygon work, the grass and road polygons that gymnasium would skip
+    itself (wholly outside its box around the screen): they are most of the ~730 a frame, each
+    turned into pygame vectors and tested in Python. The frames, rewards and physics stay byte
+    for byte the official ones (tests/test_envs.py compares them with `cull=False`; the grass
+    grid re-stated here is gymnasium 1.4.0's, the pinned version)."""
     ensure_headless_display()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
