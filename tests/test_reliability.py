@@ -61,6 +61,22 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
         assert json.loads((root / LOCK).read_text())["pid"] == os.getpid()
 
 
+def test_taking_the_lock_sweeps_the_half_writes_of_a_killed_holder(tmp_path):
+    """Temp files anywhere in the run dir go (a stage found done never sweeps its folder);
+    finished files stay, and a folder linked from another run dir is left to its own writer."""
+    root, other = tmp_path / "run", tmp_path / "other"
+    (root / "mdnrnn").mkdir(parents=True)
+    (other / "episodes").mkdir(parents=True)
+    leftovers = [root / ".run.json.ab12.tmp", root / "mdnrnn" / ".config.json.x9.tmp"]
+    kept = [root / "mdnrnn" / "config.json", other / "episodes" / ".episode_0.npz.q1.tmp"]
+    for path in leftovers + kept:
+        path.write_text("half")
+    (root / "episodes").symlink_to(other / "episodes")
+    with run_lock(root, "train-mdnrnn"):
+        assert not any(path.exists() for path in leftovers)
+        assert all(path.read_text() == "half" for path in kept)
+
+
 def test_a_command_that_writes_nothing_leaves_no_run_dir_behind(tmp_path, capsys):
     missing = tmp_path / "typo"
     assert main(["evaluate", "--run-dir", str(missing)]) == 2

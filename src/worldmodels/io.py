@@ -55,12 +55,17 @@ def atomic_link(source: Path, target: Path) -> None:
     os.replace(temp, target)
 
 
-def remove_temp_files(folder: Path) -> list[Path]:
-    """Delete `*.tmp` leftovers of writes that were killed half-way; return what was removed."""
+def remove_temp_files(folder: Path, below: bool = False) -> list[Path]:
+    """Delete `*.tmp` leftovers of writes that were killed half-way; return what was removed.
+
+    `below`: in every folder under `folder` too (not through symlinks: a linked folder belongs
+    to another run dir, whose writer sweeps it)."""
     folder = Path(folder)
     if not folder.exists():
         return []
-    removed = sorted(folder.glob(f".*{TMP_SUFFIX}"))
+    pattern = f".*{TMP_SUFFIX}"
+    folders = [Path(f) for f, _, _ in os.walk(folder)] if below else [folder]
+    removed = sorted(path for f in folders for path in f.glob(pattern))
     for path in removed:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

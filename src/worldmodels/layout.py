@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worldmodels.errors import UserError
+from worldmodels.io import remove_temp_files
 
 
 def _folder(*parts: str) -> property:
@@ -60,6 +61,8 @@ def run_lock(root: Path, command: str) -> Iterator[None]:
     An OS lock (flock) on `<root>/.lock`, not a pid file: the kernel drops it when its holder
     dies, however it dies, so a lock left by a killed process is simply taken over. The file
     names the holder for the message the next process prints, and goes when the holder is done.
+    The new holder first deletes the temp files of writes a killed holder left half-done: the
+    stages that are found done and skipped would otherwise never sweep them.
     """
     root = Path(root)
     created = not root.exists()
@@ -71,6 +74,7 @@ def run_lock(root: Path, command: str) -> Iterator[None]:
         since = time.strftime("%Y-%m-%d %H:%M:%S")
         handle.write(json.dumps({"pid": os.getpid(), "command": command, "since": since}))
         handle.flush()
+        remove_temp_files(root, below=True)  # half-writes of a killed holder: no one else writes
         yield
     finally:
         path.unlink(missing_ok=True)  # before the close: the next holder makes a fresh file
