@@ -19,31 +19,32 @@ import numpy as np
 
 import worldmodels.warm_start as warm_start
 from worldmodels.envs import MAX_EPISODE_STEPS, make_env
-from worldmodels.policies import road_heading
+from worldmodels.policies import PolicyActor, road_heading
+from worldmodels.rollout import run_episodes
 
 
-def follower(rows: slice, tracks: int, gain: float = 2.0, gas: float = 0.1):
-    """Returns and which laps finished (ended by the env, not by leaving the playfield)."""
-    env = make_env("envpool", tracks, workers=0, lockstep=True)
-    obs = env.reset(list(range(200_000, 200_000 + tracks)))
-    returns, done = np.zeros(tracks), np.zeros(tracks, dtype=bool)
-    laps = np.zeros(tracks, dtype=bool)
-    for _ in range(MAX_EPISODE_STEPS):
-        offset, seen = road_heading(obs, rows, warm_start.MIN_ROAD_PIXELS)
-        steer = np.where(seen, np.clip(gain * offset, -1, 1), 0.0)
-        actions = np.stack([steer, np.full(tracks, gas), np.zeros(tracks)], axis=1)
-        step = env.step(actions.astype(np.float32))
-        returns += np.where(done, 0.0, step.reward)
-        laps |= ~done & step.terminated & (step.reward > -50)
-        done |= step.terminated | step.truncated
-        obs = step.obs
-        if done.all():
-            break
-    env.close()
-    return returns, laps
+class Follower:
+    """Steer toward the road centre in `rows`, hold `gas`, never brake (no memory)."""
+
+    def __init__(self, rows: slice, gain: float = 2.0, gas: float = 0.1):
+        self.rows, self.gain, self.gas = rows, gain, gas
+
+    def act(self, frames: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        offset, seen = road_heading(frames, self.rows, warm_start.MIN_ROAD_PIXELS)
+        steer = np.where(seen, np.clip(self.gain * offset, -1, 1), 0.0)
+        gas, brake = np.full(len(ids), self.gas), np.zeros(len(ids))
+        return np.stack([steer, gas, brake], axis=1).astype(np.float32)
 
 
-def first_mean(run: Path, rows: slice, tracks: int) -> np.ndarray:
+def follower(rows: slice, tracks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Returns and which laps finished, through the project's one episode loop."""
+    with make_env("envpool", tracks, lockstep=True) as env:
+        seeds = list(range(200_000, 200_000 + tracks))
+        played = run_episodes(env, PolicyActor(Follower(rows)), np.zeros((tracks, 0)), seeds)
+    return played.returns, played.laps
+
+
+def first_mean(run: Path, rows: slice, tracks: int) -> tuple[np.ndarray, np.ndarray]:
     from worldmodels.artifacts import load_world_model
     from worldmodels.evaluators import EpisodeSettings, make_evaluator
     from worldmodels.runtime import use_acting_threads
