@@ -62,16 +62,27 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
 
 
 def test_taking_the_lock_sweeps_the_half_writes_of_a_killed_holder(tmp_path):
-    """Temp files anywhere in the run dir go (a stage found done never sweeps its folder);
-    finished files stay, and a folder linked from another run dir is left to its own writer."""
+    """Temp files in the run dir and its stage folders go (a stage found done never sweeps its
+    folder); finished files stay, a folder linked from another run dir is left to its own
+    writer, and folders that are none of a run's (a --run-dir aimed at a home folder) are not
+    looked into."""
     root, other = tmp_path / "run", tmp_path / "other"
-    (root / "mdnrnn").mkdir(parents=True)
+    for folder in (root / "mdnrnn", root / "controller" / "best", root / "data", root / "notes"):
+        folder.mkdir(parents=True)
     (other / "episodes").mkdir(parents=True)
-    leftovers = [root / ".run.json.ab12.tmp", root / "mdnrnn" / ".config.json.x9.tmp"]
-    kept = [root / "mdnrnn" / "config.json", other / "episodes" / ".episode_0.npz.q1.tmp"]
+    leftovers = [
+        root / ".run.json.ab12.tmp",
+        root / "mdnrnn" / ".config.json.x9.tmp",
+        root / "controller" / "best" / ".model.json.k2.tmp",
+    ]
+    kept = [
+        root / "mdnrnn" / "config.json",
+        other / "episodes" / ".episode_0.npz.q1.tmp",
+        root / "notes" / ".draft.txt.tmp",
+    ]
     for path in leftovers + kept:
         path.write_text("half")
-    (root / "episodes").symlink_to(other / "episodes")
+    (root / "data" / "episodes").symlink_to(other / "episodes")
     with run_lock(root, "train-mdnrnn"):
         assert not any(path.exists() for path in leftovers)
         assert all(path.read_text() == "half" for path in kept)

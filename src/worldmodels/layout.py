@@ -35,6 +35,11 @@ class RunDir:
     controller = _folder("controller")
     eval = _folder("eval")
 
+    def stage_folders(self) -> list[Path]:
+        """The folders the stages write, each once (`episodes` lies below `data`)."""
+        folders = [p.fget(self) for p in vars(type(self)).values() if isinstance(p, property)]
+        return [folder for folder in folders if folder.parent == self.root]
+
 
 def writable_dir(path: Path) -> Path:
     """Create `path` (and parents) or fail with one line that says why."""
@@ -74,13 +79,24 @@ def run_lock(root: Path, command: str) -> Iterator[None]:
         since = time.strftime("%Y-%m-%d %H:%M:%S")
         handle.write(json.dumps({"pid": os.getpid(), "command": command, "since": since}))
         handle.flush()
-        remove_temp_files(root, below=True)  # half-writes of a killed holder: no one else writes
+        _sweep_half_writes(root)
         yield
     finally:
         path.unlink(missing_ok=True)  # before the close: the next holder makes a fresh file
         handle.close()  # releases the flock
         if created and not any(root.iterdir()):
             root.rmdir()  # a command that wrote nothing leaves nothing behind
+
+
+def _sweep_half_writes(root: Path) -> None:
+    """Delete the temp files of a killed holder's half-done writes (no one else writes while
+    we hold the lock): in the root and the stage folders only, never through symlinks, so a
+    --run-dir pointed at a folder of other things has nothing else looked into, and a folder
+    linked from another run dir is left to that run dir's writer."""
+    remove_temp_files(root)
+    for folder in RunDir(root).stage_folders():
+        if not folder.is_symlink():
+            remove_temp_files(folder, below=True)
 
 
 def _acquire(path: Path, root: Path):
