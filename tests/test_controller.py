@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -414,6 +415,77 @@ def test_a_lap_is_told_from_leaving_the_playfield_and_earns_the_lap_bonus(world_
     plain, _ = scoring.evaluate_candidates(Scripted(), np.zeros((3, 1)), [0], 0)
     bonus, _ = scoring.evaluate_candidates(Scripted(), np.zeros((3, 1)), [0], 0, 50.0)
     assert (bonus - plain).tolist() == [50.0, 0.0, 0.0]
+
+
+def _stop_after(generations: int):
+    """`_out_of_time` of a budget that ends the search after `generations` generations."""
+    return lambda cfg, state: state.generation >= generations
+
+
+def test_a_budget_that_ends_between_checks_checks_the_last_mean_and_may_keep_it(
+    world_run, monkeypatch, capsys
+):
+    """Only checked means can be kept: without a check of the last one, the generations after
+    the last periodic check would count for nothing."""
+    monkeypatch.setattr(train_controller, "_out_of_time", _stop_after(3))
+    folder = _train(world_run, generations=50, check_every=2, select_top=4, time_budget_min=1)
+    assert "checked the last mean (generation 3)" in capsys.readouterr().err
+    saved = json.loads((folder / train_controller.ES_STATE).read_text())
+    assert [c["generation"] for c in saved["checked"]] == [2, 3]
+    np.testing.assert_allclose(saved["checked"][1]["vector"], saved["means"][0])
+    rows = read_metrics(folder / "metrics.jsonl")
+    assert [r["generation"] for r in rows] == [1, 2, 3]  # the check joins generation 3's row
+    assert rows[2]["check_mean"] == pytest.approx(saved["checked"][1]["check_mean"])
+    assert rows[2]["best"] >= rows[2]["mean"]  # the rest of the row is kept
+    # what was recorded is what the last mean plays on the check tracks
+    agent = load_world_model(world_run)
+    seeds = [scoring.CHECK_SEED_BASE + i for i in range(2)]
+    mean = torch.tensor(saved["means"][0]).float().repeat(len(seeds), 1)
+    with make_env("envpool", len(seeds), max_steps=40) as env:
+        replay = run_episodes(env, agent, mean, seeds)
+    assert replay.returns.mean() == pytest.approx(rows[2]["check_mean"], abs=1e-3)
+    selection = json.loads((folder / "selection.json").read_text())
+    assert sorted(f["generation"] for f in selection["finalists"]) == [2, 3]
+
+
+def test_a_run_killed_in_its_final_selection_finishes_it_without_checking_again(
+    world_run, monkeypatch
+):
+    monkeypatch.setattr(train_controller, "_out_of_time", _stop_after(3))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_controller, "select_mean", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _train(world_run, generations=50, check_every=2, select_top=4, time_budget_min=1)
+    folder = RunDir(world_run).controller
+    assert not (folder / "selection.json").exists()
+    monkeypatch.setattr(train_controller, "select_mean", scoring.select_mean)
+    _train(world_run, generations=50, check_every=2, select_top=4, time_budget_min=1)
+    saved = json.loads((folder / train_controller.ES_STATE).read_text())
+    assert [c["generation"] for c in saved["checked"]] == [2, 3] and saved["selected"]
+    assert [r["generation"] for r in read_metrics(folder / "metrics.jsonl")] == [1, 2, 3]
+    assert json.loads((folder / "selection.json").read_text())["finalists"]
+
+
+def test_the_budget_keeps_minutes_for_the_last_check_and_the_finalists_there_will_be():
+    cfg = train_controller.TrainControllerConfig(
+        check_every=5, check_episodes=8, select_top=4, select_episodes=24, time_budget_min=10
+    )
+    state = SearchState.new(SearchSettings(np.ones(12), 0.1, 8, False, 0))
+    state.check_s_per_episode = 2.0
+    assert train_controller._endgame_reserve_s(cfg, state) == 2.0 * (8 + 1 * 24)
+    state.checked = [object()] * 2  # two checks so far: three finalists with the last mean
+    assert train_controller._endgame_reserve_s(cfg, state) == 2.0 * (8 + 3 * 24)
+    state.checked = [object()] * 6  # never more finalists than --select-top
+    assert train_controller._endgame_reserve_s(cfg, state) == 2.0 * (8 + 4 * 24)
+    state.elapsed = 600 - 2.0 * (8 + 4 * 24) - 1
+    assert not train_controller._out_of_time(cfg, state)
+    state.elapsed += 1
+    assert train_controller._out_of_time(cfg, state)
+    no_selection = dataclasses.replace(cfg, select_top=0)
+    assert train_controller._endgame_reserve_s(no_selection, state) == 0.0
 
 
 def test_check_plays_its_own_step_limit_not_the_training_one(world_run):

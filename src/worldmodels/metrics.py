@@ -36,17 +36,27 @@ class MetricsLog:
             if resume_after is not None and r.get(key, 0) <= resume_after
         ]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.key = key
         self._tb = _tensorboard_writer(Path(folder) / "tensorboard")
 
     def write(self, row: dict[str, Any], step: int) -> None:
-        clean = {
-            k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
-            for k, v in row.items()
-        }
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(clean) + "\n")
+            handle.write(json.dumps(_rounded(row)) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        self._to_tensorboard(row, step)
+
+    def amend(self, step: int, fields: dict[str, Any]) -> None:
+        """Add `fields` to the row of `step` already written (one row per step, so readers and
+        plots never meet two): for what is measured after that row, as a final check."""
+        rows = [
+            {**r, **_rounded(fields)} if r.get(self.key) == step else r
+            for r in read_metrics(self.path)
+        ]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        self._to_tensorboard(fields, step)
+
+    def _to_tensorboard(self, row: dict[str, Any], step: int) -> None:
         if self._tb is not None:
             for name, value in row.items():
                 if isinstance(value, (int, float)):
@@ -56,6 +66,12 @@ class MetricsLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _rounded(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()
+    }
 
 
 def _tensorboard_writer(folder: Path):

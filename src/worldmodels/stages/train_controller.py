@@ -348,17 +348,23 @@ def sigma_cap(
     return cfg.sigma0 * 0.5 ** max(halvings) if halvings else None
 
 
-def _selection_reserve_s(cfg: TrainControllerConfig, state: SearchState) -> float:
-    """Seconds the final selection will take, at the checks' measured pace."""
-    finalists = cfg.select_top + adds_centroid(cfg.select_top, cfg.select_centroid)
-    return finalists * cfg.select_episodes * state.check_s_per_episode
+def _endgame_reserve_s(cfg: TrainControllerConfig, state: SearchState) -> float:
+    """Seconds the end of the run will take at the checks' measured pace: the check of the last
+    means (`_check_last_means`) and the final selection among the means checked by then."""
+    if not cfg.select_top:
+        return 0.0
+    last_checks = len(state.alive) if cfg.check_every else 0
+    finalists = min(cfg.select_top, len(state.checked) + last_checks)
+    finalists += adds_centroid(finalists, cfg.select_centroid)
+    episodes = last_checks * cfg.check_episodes + finalists * cfg.select_episodes
+    return episodes * state.check_s_per_episode
 
 
 def _out_of_time(cfg: TrainControllerConfig, state: SearchState) -> bool:
-    """Whether another generation would leave too little of the budget for the selection."""
+    """Whether another generation would leave too little of the budget for the end of the run."""
     if not cfg.time_budget_min:
         return False
-    return state.elapsed + _selection_reserve_s(cfg, state) >= cfg.time_budget_min * 60
+    return state.elapsed + _endgame_reserve_s(cfg, state) >= cfg.time_budget_min * 60
 
 
 def _generation(
@@ -378,7 +384,7 @@ def _generation(
         venues.training(gen), candidates, seeds, cfg.early_stop, cfg.lap_bonus
     )
     wall = time.perf_counter() - started
-    cap = sigma_cap(cfg, gen, state.elapsed + wall, _selection_reserve_s(cfg, state))
+    cap = sigma_cap(cfg, gen, state.elapsed + wall, _endgame_reserve_s(cfg, state))
     state.tell(asked, fitness, cap)
 
     if fitness.max() > state.best[0]:
@@ -397,20 +403,49 @@ def _generation(
     }
     checker = venues.checking(gen)
     if checker and cfg.check_every and (gen % cfg.check_every == 0 or gen == cfg.generations):
-        check_started = time.perf_counter()
-        for k, mean in state.means():
-            check, spread = check_mean(checker, mean, cfg.check_episodes, cfg.check_steps)
-            state.checked.append(Checked(gen, k, check, mean))
-            if cfg.searches > 1:
-                row[f"check_mean_search{k}"] = check
-            if "check_mean" not in row or check > row["check_mean"]:
-                row["check_mean"], row["check_std"] = check, spread
-        seconds = time.perf_counter() - check_started
-        state.check_s_per_episode = seconds / (cfg.check_episodes * len(state.alive))
+        row |= _check_means(cfg, state, checker)
     state.elapsed += time.perf_counter() - started
     if len(state.alive) > 1 and gen >= cfg.cull_after:
         state.cull()
     return row
+
+
+def _check_means(cfg: TrainControllerConfig, state: SearchState, checker: Evaluator) -> dict:
+    """Check each running search's mean on the held-out tracks, keep it as a finalist-to-be;
+    the check's fields of the generation's metrics row."""
+    started, row = time.perf_counter(), {}
+    for k, mean in state.means():
+        check, spread = check_mean(checker, mean, cfg.check_episodes, cfg.check_steps)
+        state.checked.append(Checked(state.generation, k, check, mean))
+        if cfg.searches > 1:
+            row[f"check_mean_search{k}"] = check
+        if "check_mean" not in row or check > row["check_mean"]:
+            row["check_mean"], row["check_std"] = check, spread
+    seconds = time.perf_counter() - started
+    state.check_s_per_episode = seconds / (cfg.check_episodes * len(state.alive))
+    return row
+
+
+def _check_last_means(
+    cfg: TrainControllerConfig,
+    state: SearchState,
+    venues: Venues,
+    metrics: MetricsLog,
+    folder: Path,
+) -> None:
+    """Check the last generation's means when the time budget ended the run between checks.
+    Only checked means can be kept, so without this the generations after the last check
+    would count for nothing; the time budget reserves the minutes for it."""
+    gen = state.generation
+    checker = venues.checking(gen)
+    if not (cfg.check_every and gen and checker) or any(c.generation == gen for c in state.checked):
+        return
+    started = time.perf_counter()
+    row = _check_means(cfg, state, checker)
+    state.elapsed += time.perf_counter() - started
+    log(f"train-controller: checked the last mean (generation {gen}): {row['check_mean']:.0f}")
+    metrics.amend(gen, row)
+    state.save(folder / ES_STATE)
 
 
 def _select(cfg: TrainControllerConfig, state: SearchState, evaluator: Evaluator) -> dict:
@@ -472,7 +507,9 @@ def run(cfg: TrainControllerConfig) -> Path:
     if state is None:
         state = SearchState.new(_settings(cfg, agent, _first_mean(cfg, agent)))
     done = state.generation >= cfg.generations or _out_of_time(cfg, state)
-    wants_selection = bool(cfg.select_top and not state.selected and state.checked)
+    # a run killed before its end (the last check, the selection) finishes it when rerun
+    can_select = state.checked or (cfg.check_every and state.generation)
+    wants_selection = bool(cfg.select_top and not state.selected and can_select)
     if done and not wants_selection:
         log(f"train-controller: {state.generation} generations already done in {folder}")
         return folder
@@ -510,6 +547,8 @@ def run(cfg: TrainControllerConfig) -> Path:
                 sps=f"{row['steps_per_s']:.0f}",
             )
         bar.close()
+        if cfg.select_top and not state.selected:
+            _check_last_means(cfg, state, venues, metrics, folder)
         if cfg.select_top and state.checked and not state.selected:
             log(
                 f"train-controller: final selection, {min(cfg.select_top, len(state.checked))} "
