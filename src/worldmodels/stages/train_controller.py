@@ -205,7 +205,8 @@ class TrainControllerConfig(Config):
     seed: int = option(0, "CMA-ES seed; training tracks are 100000 + generation*rollouts + r")
     check_every: int = option(
         5,
-        "evaluate the CMA-ES mean on fixed held-out tracks every N generations (0 = never)",
+        "evaluate the CMA-ES mean on fixed held-out tracks every N generations, and the last "
+        "mean when the time budget ends the search between two checks (0 = never)",
         low=0,
     )
     check_episodes: int = option(8, "episodes of that periodic check")
