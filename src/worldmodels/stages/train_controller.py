@@ -402,18 +402,19 @@ def _generation(
         "steps_per_s": played.env_steps / wall,
         "seconds": wall,
     }
+    state.elapsed += time.perf_counter() - started
     checker = venues.checking(gen)
     if checker and cfg.check_every and (gen % cfg.check_every == 0 or gen == cfg.generations):
         row |= _check_means(cfg, state, checker)
-    state.elapsed += time.perf_counter() - started
     if len(state.alive) > 1 and gen >= cfg.cull_after:
         state.cull()
     return row
 
 
 def _check_means(cfg: TrainControllerConfig, state: SearchState, checker: Evaluator) -> dict:
-    """Check each running search's mean on the held-out tracks, keep it as a finalist-to-be;
-    the check's fields of the generation's metrics row."""
+    """Check each running search's mean on the held-out tracks, keep it as a finalist-to-be
+    (its minutes count toward the time budget); the check's fields of the generation's metrics
+    row."""
     started, row = time.perf_counter(), {}
     for k, mean in state.means():
         check, spread = check_mean(checker, mean, cfg.check_episodes, cfg.check_steps)
@@ -423,6 +424,7 @@ def _check_means(cfg: TrainControllerConfig, state: SearchState, checker: Evalua
         if "check_mean" not in row or check > row["check_mean"]:
             row["check_mean"], row["check_std"] = check, spread
     seconds = time.perf_counter() - started
+    state.elapsed += seconds
     state.check_s_per_episode = seconds / (cfg.check_episodes * len(state.alive))
     return row
 
@@ -441,9 +443,7 @@ def _check_last_means(
     checker = venues.checking(gen)
     if not (cfg.check_every and gen and checker) or any(c.generation == gen for c in state.checked):
         return
-    started = time.perf_counter()
     row = _check_means(cfg, state, checker)
-    state.elapsed += time.perf_counter() - started
     log(f"train-controller: checked the last mean (generation {gen}): {row['check_mean']:.0f}")
     metrics.amend(gen, row)
     state.save(folder / ES_STATE)
