@@ -29,8 +29,7 @@ import torch
 
 from worldmodels.artifacts import load_world_model
 from worldmodels.envs.gymnasium_backend import make_official_env
-from worldmodels.models import batched_controller_actions
-from worldmodels.models.controller import squash_actions
+from worldmodels.models import LinearController, batched_controller_actions
 
 POINT_SPACING = 21 / 6  # Gymnasium's TRACK_DETAIL_STEP: the distance between track points
 
@@ -138,26 +137,20 @@ def mixed_episode(env, agent, teacher, params, seed, beta):
 
 def fit(inputs, labels, start, iters=600, lr=0.02, l2=1e-4):
     """C's flat vector minimising the squared error of its squashed actions to the teacher's."""
-    params = start.clone().requires_grad_(True)
-    opt = torch.optim.Adam([params], lr=lr)
-    n_in = inputs.shape[1]
-
-    def actions():
-        weight = params[: 3 * n_in].view(3, n_in)
-        return squash_actions(inputs @ weight.T + params[3 * n_in :]), weight
-
+    controller = LinearController.from_flat(start)
+    opt = torch.optim.Adam(controller.parameters(), lr=lr)
+    n_weights = 3 * controller.input_dim
     for _ in range(iters):
-        out, weight = actions()
-        loss = ((out - labels) ** 2).mean() + l2 * (weight**2).sum()
+        weight = controller.params[:n_weights]
+        loss = ((controller(inputs) - labels) ** 2).mean() + l2 * (weight**2).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        out, _ = actions()
-        r2 = 1 - ((out - labels) ** 2).mean(0) / labels.var(0)
+        r2 = 1 - ((controller(inputs) - labels) ** 2).mean(0) / labels.var(0)
     steer, gas, brake = r2.tolist()
     print(f"  fit on {len(inputs)} steps: R² steer {steer:.3f}, gas {gas:.3f}, brake {brake:.3f}")
-    return params.detach()
+    return controller.flat()
 
 
 def clone(args) -> None:
