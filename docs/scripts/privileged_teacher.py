@@ -29,7 +29,11 @@ import torch
 
 from worldmodels.artifacts import load_world_model
 from worldmodels.envs.gymnasium_backend import make_official_env
-from worldmodels.models import LinearController, batched_controller_actions
+from worldmodels.models import (
+    LinearController,
+    batched_controller_actions,
+    controller_param_count,
+)
 
 POINT_SPACING = 21 / 6  # Gymnasium's TRACK_DETAIL_STEP: the distance between track points
 
@@ -156,7 +160,7 @@ def fit(inputs, labels, start, iters=600, lr=0.02, l2=1e-4):
 def clone(args) -> None:
     agent = load_world_model(args.run)
     env, teacher = make_official_env(), teacher_from(args)
-    params = torch.zeros(3 * agent.input_dim + 3)
+    params = torch.zeros(controller_param_count(agent.input_dim))
     all_inputs, all_labels = [], []
     seed = 310000
     for r in range(args.rounds):

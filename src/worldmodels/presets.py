@@ -62,8 +62,9 @@ def presets() -> dict[str, Preset]:
             # 32 candidates ranked by 2 tracks each, sigma capped by a schedule that halves it
             # 1.6 times by the last generation (where 48 fit the budget, one halving every 30
             # of them): docs/experiments.md (p32hl30) says why. The search starts from zero,
-            # not from the road follower: its cars cut fewer bends (docs/experiments.md, "The
-            # zero start on a faster machine")
+            # not from the road follower: with the 37-49 generations of a faster machine it
+            # scored higher on both seeds' V and M (docs/experiments.md, "The zero start on a
+            # faster machine")
             "controller": TrainControllerConfig(
                 generations=1000,
                 population=32,
