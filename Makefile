@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine with Python 3.11:
 #   make run   - install into .venv, then the whole pipeline on the default preset
-#                (make run SEED=1 RUN_DIR=runs/seed1: another independent run)
+#                (make run SEED=1 RUN_DIR=runs/seed1: another independent run; run seeds are 0-9)
 #   make test  - install into .venv (if needed), then the test suite
 PYTHON ?= python3
 VENV := .venv

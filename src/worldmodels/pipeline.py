@@ -43,9 +43,10 @@ class RunConfig:
     run_dir: Path | None = option(None, "run directory (default: runs/<preset>)")
     seed: int = option(
         0,
-        "run seed: every stage's randomness (collection tracks start at seed*10000; V, M, dream "
-        "and CMA-ES use it as their seed); evaluation tracks never change. A stage's own "
-        "--<stage>.seed overrides it",
+        "run seed, 0 to 9: every stage's randomness (each run seed owns 10,000 collection "
+        "tracks, seed*10000 on, below the training tracks at 100000; V, M, dream and CMA-ES use "
+        "it as their seed); evaluation tracks never change. A stage's own --<stage>.seed "
+        "overrides it",
     )
     budget_min: float | None = option(
         None,
