@@ -63,8 +63,8 @@ def presets() -> dict[str, Preset]:
             # 1.6 times by the last generation (where 48 fit the budget, one halving every 30
             # of them): docs/experiments.md (p32hl30) says why. The search starts from zero,
             # not from the road follower: with the 37-49 generations of a faster machine it
-            # scored higher on both seeds' V and M (docs/experiments.md, "The zero start on a
-            # faster machine")
+            # scored higher on all three V and M paired so far (docs/experiments.md, "The zero
+            # start on a faster machine" and "Fresh-clone runs of the zero-start preset")
             "controller": TrainControllerConfig(
                 generations=1000,
                 population=32,
