@@ -29,8 +29,11 @@ from worldmodels.errors import UserError
 from worldmodels.io import atomic_write_text
 from worldmodels.layout import run_lock, writable_dir
 from worldmodels.presets import presets
-from worldmodels.seeds import COLLECT_TRACKS_PER_RUN_SEED
+from worldmodels.seeds import COLLECT_TRACKS_PER_RUN_SEED, first
 from worldmodels.stage_plan import Budget, Stage, load_record, run_stages
+
+# Each run seed owns COLLECT_TRACKS_PER_RUN_SEED collection tracks, all below the training ones.
+MAX_RUN_SEED = first("train") // COLLECT_TRACKS_PER_RUN_SEED - 1
 
 
 @dataclass
@@ -43,10 +46,10 @@ class RunConfig:
     run_dir: Path | None = option(None, "run directory (default: runs/<preset>)")
     seed: int = option(
         0,
-        "run seed, 0 to 9: every stage's randomness (each run seed owns 10,000 collection "
-        "tracks, seed*10000 on, below the training tracks at 100000; V, M, dream and CMA-ES use "
-        "it as their seed); evaluation tracks never change. A stage's own --<stage>.seed "
-        "overrides it",
+        f"run seed, 0 to {MAX_RUN_SEED}: every stage's randomness (each run seed owns "
+        f"{COLLECT_TRACKS_PER_RUN_SEED:,} collection tracks, seed*{COLLECT_TRACKS_PER_RUN_SEED} "
+        f"on, below the training tracks at {first('train')}; V, M, dream and CMA-ES use it as "
+        "their seed); evaluation tracks never change. A stage's own --<stage>.seed overrides it",
     )
     budget_min: float | None = option(
         None,
